@@ -1,0 +1,43 @@
+# longdl: `make run` serves the demo, `make test` runs every test. Both set up what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run seed test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "longdl needs Python 3.11 or newer"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+seed: install
+	$(BIN)/longdl seed
+
+# Demo delays make progress visible: each job spends a few seconds "talking to upstream".
+run: seed
+	DOWNLOAD_DELAY_ENABLED=$${DOWNLOAD_DELAY_ENABLED:-true} \
+	DOWNLOAD_DELAY_MIN_MS=$${DOWNLOAD_DELAY_MIN_MS:-2000} \
+	DOWNLOAD_DELAY_MAX_MS=$${DOWNLOAD_DELAY_MAX_MS:-6000} \
+	$(BIN)/longdl serve
+
+lint: install
+	$(BIN)/ruff check longdl tests examples
+	$(BIN)/ruff format --check longdl tests examples
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) longdl-data .pytest_cache .mypy_cache .ruff_cache

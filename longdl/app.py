@@ -1,0 +1,73 @@
+"""Builds the ``web.Application``: resources opened in order in ``cleanup_ctx``, closed in
+reverse, reached through the typed keys of :mod:`longdl.web.keys`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from aiohttp import web
+
+from longdl import handlers as builtin_handlers
+from longdl import storage as storage_backends
+from longdl.config import Settings
+from longdl.engine import Engine, Handler
+from longdl.store import Store
+from longdl.web import files, keys, problems, routes
+
+log = logging.getLogger("longdl")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    handlers: Mapping[str, Handler] | None = None,
+    storage: storage_backends.Storage | None = None,
+) -> web.Application:
+    """The longdl application.
+
+    Args:
+        settings: configuration; read from the environment when omitted.
+        handlers: extra job kinds besides the built-in ``download``.
+        storage: a storage backend to use instead of the configured one (already built,
+            opened and closed by the app).
+    """
+    settings = settings or Settings()
+    app = web.Application(
+        middlewares=[problems.request_ids, problems.problems],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[keys.SETTINGS] = settings
+    all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = Store(settings.database_path)
+        await store.open()
+        app[keys.STORE] = store
+        yield
+        await store.close()
+
+    async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+        backend = storage or storage_backends.from_settings(settings)
+        await backend.open()
+        app[keys.STORAGE] = backend
+        yield
+        await backend.close()
+
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        engine = Engine(app[keys.STORE], app[keys.STORAGE], all_handlers, settings)
+        await engine.start()
+        app[keys.ENGINE] = engine
+        log.info(
+            "longdl ready storage=%s data_dir=%s workers=%d",
+            app[keys.STORAGE].name,
+            settings.data_dir,
+            settings.worker_concurrency,
+        )
+        yield
+        await engine.stop()
+
+    app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
+    app.router.add_routes(routes.routes)
+    app.router.add_routes(files.routes)
+    return app

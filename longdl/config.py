@@ -1,0 +1,154 @@
+"""Settings, read from environment variables and overridable by CLI flags.
+
+Names follow the original Delineate service where it had them (``PORT``, ``S3_*``,
+``CORS_ORIGINS``, ``RATE_LIMIT_*``, ``REQUEST_TIMEOUT_MS``, ``DOWNLOAD_DELAY_*``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the defaults run it with zero configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    #: Interface to listen on.
+    host: str = "0.0.0.0"
+    #: TCP port to listen on.
+    port: int = Field(default=3000, ge=0, le=65535)
+    #: Folder holding the SQLite database, the signing secret and local storage.
+    data_dir: Path = Path("./longdl-data")
+    #: Absolute base URL clients reach the service at, for links; derived from the request if unset.
+    public_url: str | None = None
+    #: Log level name.
+    log_level: str = "INFO"
+
+    #: Which storage backend keeps source files and bundles.
+    storage_backend: Literal["local", "s3"] = "local"
+    #: HMAC secret for local signed URLs; generated once into DATA_DIR when unset.
+    signing_secret: str | None = None
+    #: Lifetime of a signed download URL.
+    signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+
+    #: S3 endpoint URL (MinIO, SeaweedFS, ...); AWS when unset.
+    s3_endpoint: str | None = None
+    #: S3 region.
+    s3_region: str = "us-east-1"
+    #: S3 access key id.
+    s3_access_key_id: str | None = None
+    #: S3 secret access key.
+    s3_secret_access_key: str | None = None
+    #: S3 bucket holding downloads/ and bundles/.
+    s3_bucket_name: str = "downloads"
+    #: Path-style addressing (needed by most self-hosted S3 servers).
+    s3_force_path_style: bool = True
+    #: Endpoint that browsers reach storage by, used to sign URLs; S3_ENDPOINT when unset.
+    s3_public_endpoint: str | None = None
+    #: Create the bucket at start-up when it is missing.
+    s3_create_bucket: bool = True
+    #: Multipart upload part size for bundles (S3 minimum is 5 MiB).
+    s3_part_size_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+    #: Jobs run at once.
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    #: Attempts per job before it fails for good.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    #: First retry delay ceiling; doubles each attempt (full jitter).
+    retry_base_ms: int = Field(default=1000, ge=0)
+    #: Retry delay ceiling.
+    retry_max_ms: int = Field(default=30_000, ge=0)
+    #: Time limit of one job attempt.
+    job_timeout_s: float = Field(default=900.0, gt=0)
+    #: How long a finished job and its artifact are kept.
+    job_ttl_s: int = Field(default=3600, ge=1)
+    #: How long an expired job's row is kept after expiry.
+    job_retention_s: int = Field(default=7 * 24 * 3600, ge=0)
+    #: How often the TTL sweeper runs.
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    #: Progress is written to SQLite at most this often.
+    progress_flush_ms: int = Field(default=1000, ge=10)
+    #: Seconds running jobs get to finish on SIGTERM before they are re-queued.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    #: Simulate upstream latency while resolving files (as in the original service).
+    download_delay_enabled: bool = False
+    #: Lower bound of the simulated latency per job.
+    download_delay_min_ms: int = Field(default=10_000, ge=0)
+    #: Upper bound of the simulated latency per job.
+    download_delay_max_ms: int = Field(default=200_000, ge=0)
+
+    #: Upper bound of a long-poll (`?wait=`), under every proxy's timeout.
+    long_poll_max_s: float = Field(default=25.0, ge=0)
+    #: Upper bound of `Prefer: wait=N` and of the synchronous start endpoint.
+    sync_wait_max_s: float = Field(default=25.0, ge=0)
+    #: Origin hosts allowed the synchronous mode.
+    sync_origins: CsvList = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+    #: Request timeout of the original service, kept for compatibility (ms).
+    request_timeout_ms: int = Field(default=30_000, ge=0)
+
+    #: Largest accepted request body.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: Waiting jobs above which initiate answers 503.
+    max_queued: int = Field(default=10_000, ge=1)
+    #: Unfinished jobs one caller may have.
+    max_active_per_user: int = Field(default=100, ge=1)
+
+    #: Rate limit window (ms), as in the original service.
+    rate_limit_window_ms: int = Field(default=60_000, ge=1)
+    #: Requests per window per caller.
+    rate_limit_max_requests: int = Field(default=100, ge=1)
+    #: Requests per window per caller on polling routes.
+    rate_limit_poll_max_requests: int = Field(default=1200, ge=1)
+    #: Proxies whose X-Forwarded-For is trusted.
+    trusted_proxies: CsvList = Field(default_factory=list)
+    #: Allowed CORS origins ("*" for any).
+    cors_origins: CsvList = Field(default_factory=lambda: ["*"])
+    #: API keys as name:key pairs; when set, /v1 requires a Bearer key.
+    api_keys: CsvList = Field(default_factory=list)
+
+    #: Secret signing webhook deliveries (Standard Webhooks).
+    webhook_secret: str | None = None
+    #: Private or loopback hosts webhooks may still target.
+    webhook_allow_hosts: CsvList = Field(default_factory=list)
+
+    _split = field_validator(
+        "sync_origins",
+        "trusted_proxies",
+        "cors_origins",
+        "api_keys",
+        "webhook_allow_hosts",
+        mode="before",
+    )(_split_csv)
+
+    @property
+    def database_path(self) -> Path:
+        """SQLite file of the job store."""
+        return self.data_dir / "longdl.sqlite3"
+
+    @property
+    def storage_dir(self) -> Path:
+        """Root folder of the local storage backend."""
+        return self.data_dir / "storage"
+
+    @property
+    def retry_base_s(self) -> float:
+        return self.retry_base_ms / 1000
+
+    @property
+    def retry_max_s(self) -> float:
+        return self.retry_max_ms / 1000

@@ -1,0 +1,82 @@
+"""Every error longdl raises on purpose derives from :class:`LongdlError`.
+
+::
+
+    LongdlError
+    ├── StorageError               storage refused a request; not worth retrying
+    │   ├── ObjectNotFound         the key does not exist
+    │   └── StorageUnavailable     transient: connection, timeout, 5xx, throttling
+    ├── JobFailed                  a handler gives up with a code for the client
+    ├── JobNotFound                no such job (or not the caller's)
+    ├── JobFinished                the job already reached a final status
+    ├── IdempotencyMismatch        same idempotency key, different request
+    ├── Overloaded                 back-pressure: too many queued jobs
+    │   └── TooManyActiveJobs      one caller has too many unfinished jobs
+    └── InvalidSignature           a signed URL was tampered with or expired
+"""
+
+from __future__ import annotations
+
+
+class LongdlError(Exception):
+    """Root of longdl's errors."""
+
+
+class StorageError(LongdlError):
+    """Storage refused a request in a way retrying will not fix."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist in storage."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage could not be reached or asked us to slow down; worth retrying."""
+
+
+class JobFailed(LongdlError):
+    """A handler's reason to fail a job, reported to the client as ``error``.
+
+    Args:
+        code: stable machine-readable code, e.g. ``FILE_NOT_FOUND``.
+        message: human text.
+        retryable: whether another attempt could succeed.
+    """
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class JobNotFound(LongdlError):
+    """No job with this id is visible to the caller."""
+
+
+class JobFinished(LongdlError):
+    """The job already finished; it can no longer be canceled."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"job already {status}")
+        self.status = status
+
+
+class IdempotencyMismatch(LongdlError):
+    """The idempotency key was used before with a different request body."""
+
+
+class Overloaded(LongdlError):
+    """Too many jobs are waiting; the caller should come back later."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyActiveJobs(Overloaded):
+    """The caller already has as many unfinished jobs as allowed."""
+
+
+class InvalidSignature(LongdlError):
+    """A signed URL's signature does not match or it has expired."""

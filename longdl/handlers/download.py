@@ -1,0 +1,152 @@
+"""The built-in ``download`` job: resolve source files, then pass one through or bundle many.
+
+Sources live at ``downloads/{file_id}.zip`` (the original service's layout); bundles are
+written to ``bundles/{job_id}.zip``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import random
+from collections.abc import AsyncIterator
+
+from longdl import exceptions
+from longdl.engine import Artifact, JobContext
+from longdl.models import JobStatus
+from longdl.zipstream import Entry, zip_entries
+
+#: Share of the progress bar spent resolving files; the rest is bundling bytes.
+RESOLVE_SHARE = 20.0
+
+
+def source_key(file_id: int) -> str:
+    return f"downloads/{file_id}.zip"
+
+
+def bundle_key(job_id: str) -> str:
+    return f"bundles/{job_id}.zip"
+
+
+def simulated_delay_s(ctx: JobContext) -> float:
+    """The whole job's simulated upstream latency (zero unless enabled)."""
+    settings = ctx.settings
+    if not settings.download_delay_enabled:
+        return 0.0
+    low = min(settings.download_delay_min_ms, settings.download_delay_max_ms)
+    high = max(settings.download_delay_min_ms, settings.download_delay_max_ms)
+    return random.uniform(low, high) / 1000
+
+
+async def run(ctx: JobContext) -> Artifact:
+    """Resolve the requested files and produce the artifact to download."""
+    file_ids: list[int] = list(ctx.payload["file_ids"])
+    strict = bool(ctx.payload.get("strict", False))
+    total = len(file_ids)
+    delay_per_file_s = simulated_delay_s(ctx) / total
+
+    sizes: dict[int, int] = {}
+    missing: list[int] = []
+    for done, file_id in enumerate(file_ids, start=1):
+        if delay_per_file_s:
+            await asyncio.sleep(delay_per_file_s)
+        info = await ctx.storage.head(source_key(file_id))
+        if info is None:
+            missing.append(file_id)
+        else:
+            sizes[file_id] = info.size_bytes
+        ctx.report(
+            percent=RESOLVE_SHARE * done / total,
+            message=f"Resolving {done}/{total} files",
+            files_done=0,
+            files_total=total,
+        )
+
+    if not sizes:
+        raise exceptions.JobFailed(
+            "FILE_NOT_FOUND", f"None of the requested files exist: {_ids(missing)}"
+        )
+    if strict and missing:
+        raise exceptions.JobFailed("FILE_NOT_FOUND", f"Files not found: {_ids(missing)}")
+
+    available = [file_id for file_id in file_ids if file_id in sizes]
+    details = {"files": available, "missing": missing}
+    if len(available) == 1:
+        (file_id,) = available
+        ctx.report(files_done=1, bytes_done=sizes[file_id], bytes_total=sizes[file_id])
+        return Artifact(
+            key=source_key(file_id),
+            filename=f"{file_id}.zip",
+            size_bytes=sizes[file_id],
+            owned=False,
+            content_type="application/zip",
+            details=details,
+        )
+    return await _bundle(ctx, available, sizes, details)
+
+
+async def _bundle(
+    ctx: JobContext, file_ids: list[int], sizes: dict[int, int], details: dict[str, list[int]]
+) -> Artifact:
+    await ctx.set_status(JobStatus.PROCESSING_ARTIFACTS)
+    bytes_total = sum(sizes.values())
+    files_total = len(file_ids)
+    state = {"bytes": 0}
+    ctx.report(
+        message=f"Bundling 0/{files_total} files",
+        bytes_done=0,
+        bytes_total=bytes_total,
+        files_done=0,
+        files_total=files_total,
+    )
+
+    def on_bytes(count: int) -> None:
+        state["bytes"] += count
+        share = state["bytes"] / bytes_total if bytes_total else 1.0
+        ctx.report(
+            percent=min(99.0, RESOLVE_SHARE + (100 - RESOLVE_SHARE) * share),
+            bytes_done=state["bytes"],
+        )
+
+    def reader(index: int, file_id: int) -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            ctx.report(message=f"Bundling {index}/{files_total} files", files_done=index - 1)
+            try:
+                async for chunk in ctx.storage.read(source_key(file_id)):
+                    yield chunk
+            except exceptions.ObjectNotFound as exc:
+                raise exceptions.JobFailed(
+                    "FILE_NOT_FOUND", f"File {file_id} disappeared while bundling"
+                ) from exc
+            ctx.report(files_done=index)
+
+        return chunks()
+
+    entries = [
+        Entry(f"{file_id}.zip", sizes[file_id], functools.partial(reader, index, file_id))
+        for index, file_id in enumerate(file_ids, start=1)
+    ]
+    digest = hashlib.sha256()
+
+    async def hashed() -> AsyncIterator[bytes]:
+        async for chunk in zip_entries(entries, on_bytes):
+            digest.update(chunk)
+            yield chunk
+
+    key = bundle_key(ctx.job_id)
+    info = await ctx.storage.write(key, hashed(), content_type="application/zip")
+    return Artifact(
+        key=key,
+        filename=f"bundle-{ctx.job_id[:8]}.zip",
+        size_bytes=info.size_bytes,
+        owned=True,
+        sha256=digest.hexdigest(),
+        content_type="application/zip",
+        details=details,
+    )
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:20])
+    return shown + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")

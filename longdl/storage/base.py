@@ -1,0 +1,104 @@
+"""The storage interface every backend implements."""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+
+from longdl import exceptions
+
+#: Keys are relative, slash-separated, made of safe characters, with no empty or dot segments.
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+MAX_KEY_LENGTH = 512
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe object key, else raise ``ObjectNotFound``.
+
+    Rejecting rather than normalising makes path traversal impossible by construction:
+    no segment may be empty, ``.`` or ``..``, or start with a dot.
+    """
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise exceptions.ObjectNotFound(key)
+    for segment in key.split("/"):
+        if not _KEY_SEGMENT.match(segment) or segment.startswith("."):
+            raise exceptions.ObjectNotFound(key)
+    return key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What storage knows about an object."""
+
+    key: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SignedUrl:
+    """A short-lived URL to download an object; relative for the local backend."""
+
+    url: str
+    expires_at: float
+
+
+class Storage(abc.ABC):
+    """Where source files and bundles live.
+
+    Backends raise :class:`exceptions.StorageUnavailable` for transient failures (worth a
+    retry) and :class:`exceptions.StorageError` for the rest.
+    """
+
+    #: Name reported in logs and health.
+    name: str = "storage"
+
+    async def open(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Connect or prepare; called once at start-up."""
+
+    async def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Release connections; called once at shutdown."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise ``StorageError`` if the storage cannot serve requests now."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size of the object, or None when it does not exist."""
+
+    @abc.abstractmethod
+    def read(self, key: str, chunk_bytes: int = 256 * 1024) -> AsyncIterator[bytes]:
+        """Stream the object's bytes. Raises ``ObjectNotFound`` when it is missing."""
+
+    @abc.abstractmethod
+    async def write(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        content_type: str = "application/octet-stream",
+    ) -> ObjectInfo:
+        """Store the streamed bytes under ``key``, all or nothing.
+
+        The object appears only once every chunk was written; on error or cancellation
+        nothing is left behind.
+        """
+
+    async def write_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> ObjectInfo:
+        """Store ``data`` under ``key``."""
+
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.write(key, one(), content_type)
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+
+    @abc.abstractmethod
+    async def signed_url(self, key: str, expires_in_s: int, filename: str) -> SignedUrl:
+        """A URL that downloads the object as ``filename`` until it expires."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: the only place that knows HTTP and turns errors into problem responses."""

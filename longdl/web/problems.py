@@ -1,0 +1,179 @@
+"""RFC 9457 problem responses, request ids, and the middleware that maps errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+import pydantic
+from aiohttp import hdrs, web
+
+from longdl import exceptions
+from longdl.models import Problem, ProblemFieldError
+from longdl.web import keys
+
+log = logging.getLogger("longdl.web")
+
+PROBLEM_TYPE = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class HTTPProblem(Exception):
+    """Raised by handlers to answer with a problem response."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str | None = None,
+        *,
+        title: str | None = None,
+        code: str | None = None,
+        errors: list[ProblemFieldError] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or title or str(status))
+        self.status = status
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.code = code
+        self.errors = errors
+        self.headers = dict(headers or {})
+
+
+def request_id(request: web.Request) -> str:
+    return str(request.get(keys.REQUEST_ID, ""))
+
+
+def problem_response(request: web.Request, problem: HTTPProblem) -> web.Response:
+    body = Problem(
+        type=f"https://longdl.dev/problems/{problem.code.lower().replace('_', '-')}"
+        if problem.code
+        else "about:blank",
+        title=problem.title,
+        status=problem.status,
+        detail=problem.detail,
+        requestId=request_id(request) or None,
+        errors=problem.errors,
+        code=problem.code,
+    )
+    return web.Response(
+        status=problem.status,
+        text=body.model_dump_json(exclude_none=True),
+        content_type=PROBLEM_TYPE,
+        headers=problem.headers,
+    )
+
+
+def validation_problem(exc: pydantic.ValidationError) -> HTTPProblem:
+    errors = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(part) for part in error["loc"]) or "body"
+        errors.append(ProblemFieldError(field=location, message=error["msg"]))
+    invalid_json = any(e["type"] == "json_invalid" for e in exc.errors())
+    detail = "The request body is not valid JSON" if invalid_json else "The request is invalid"
+    return HTTPProblem(400, detail, title="Invalid request", code="VALIDATION_ERROR", errors=errors)
+
+
+def problem_for(exc: Exception) -> HTTPProblem | None:
+    """The problem a domain error maps to, or None for an unexpected error."""
+    if isinstance(exc, HTTPProblem):
+        return exc
+    if isinstance(exc, pydantic.ValidationError):
+        return validation_problem(exc)
+    if isinstance(exc, exceptions.JobNotFound):
+        return HTTPProblem(404, "No such job", code="JOB_NOT_FOUND")
+    if isinstance(exc, exceptions.JobFinished):
+        return HTTPProblem(409, f"The job is already {exc.status}", code="JOB_FINISHED")
+    if isinstance(exc, exceptions.IdempotencyMismatch):
+        return HTTPProblem(422, str(exc), code="IDEMPOTENCY_KEY_REUSED")
+    if isinstance(exc, exceptions.TooManyActiveJobs):
+        return HTTPProblem(
+            429,
+            str(exc),
+            code="TOO_MANY_ACTIVE_JOBS",
+            headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)},
+        )
+    if isinstance(exc, exceptions.Overloaded):
+        return HTTPProblem(
+            503, str(exc), code="OVERLOADED", headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
+        )
+    if isinstance(exc, exceptions.InvalidSignature):
+        return HTTPProblem(403, str(exc), code="INVALID_SIGNATURE")
+    return None
+
+
+def _from_http_exception(exc: web.HTTPException) -> HTTPProblem:
+    headers = {
+        k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+    }
+    detail: str | None = None
+    if exc.status == 404:
+        detail = "No route matches this URL"
+    elif exc.status == 405:
+        detail = f"Allowed methods: {headers.get('Allow', '')}"
+    elif exc.status == 413:
+        detail = "The request body is too large"
+    elif exc.text and not exc.text.startswith(f"{exc.status}:"):
+        detail = exc.text
+    return HTTPProblem(exc.status, detail, headers=headers)
+
+
+@web.middleware
+async def request_ids(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Echo a sane X-Request-ID or mint one, on every response, errors included."""
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    rid = incoming if _SAFE_REQUEST_ID.match(incoming) else str(uuid.uuid4())
+    request[keys.REQUEST_ID] = rid
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers[REQUEST_ID_HEADER] = rid
+        raise
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = rid
+    return response
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn every error into problem+json; never leak internals in a 500."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem_response(request, _from_http_exception(exc))
+    except Exception as exc:
+        problem = problem_for(exc)
+        if problem is None:
+            log.exception("unhandled error request_id=%s", request_id(request))
+            problem = HTTPProblem(
+                500,
+                "Something went wrong on our side; the request id identifies it in logs",
+                code="INTERNAL_ERROR",
+            )
+        return problem_response(request, problem)
+
+
+async def read_json(request: web.Request) -> bytes:
+    """The raw body of a JSON request; 415 for another media type."""
+    body = await request.read()
+    ctype = request.content_type
+    if body and ctype not in ("application/json",) and not ctype.endswith("+json"):
+        raise HTTPProblem(
+            415,
+            "Send the body as JSON with Content-Type: application/json",
+            code="UNSUPPORTED_MEDIA_TYPE",
+        )
+    return body or b"{}"
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))

@@ -1,0 +1,266 @@
+"""The v1 download routes and the service routes (/, /health)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import Mapping
+
+from aiohttp import hdrs, web
+
+import longdl
+from longdl import exceptions
+from longdl.handlers.download import source_key
+from longdl.models import (
+    CheckOut,
+    CheckRequest,
+    HealthOut,
+    InitiateRequest,
+    Job,
+    JobStatus,
+    Priority,
+    ResultLinkOut,
+    RootOut,
+    utc_iso,
+)
+from longdl.web import keys, render
+from longdl.web.problems import HTTPProblem, dumps, read_json
+
+log = logging.getLogger("longdl.web")
+
+HEALTH_CHECK_TIMEOUT_S = 2.0
+
+routes = web.RouteTableDef()
+
+
+def caller_of(request: web.Request) -> str:
+    """The owner scope of the caller's jobs ("" when the service is open)."""
+    return str(request.get(keys.CALLER, ""))
+
+
+def json_response(
+    model: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    from pydantic import BaseModel
+
+    text = model.model_dump_json() if isinstance(model, BaseModel) else dumps(model)
+    return web.Response(status=status, text=text, content_type="application/json", headers=headers)
+
+
+async def visible_job(request: web.Request) -> Job:
+    """The job named in the URL, if the caller may see it; 404 otherwise."""
+    job_id = request.match_info["job_id"]
+    try:
+        uuid.UUID(job_id)
+    except ValueError as exc:
+        raise exceptions.JobNotFound(job_id) from exc
+    job = await request.app[keys.ENGINE].get(job_id)
+    if job is None or job.owner != caller_of(request):
+        raise exceptions.JobNotFound(job_id)
+    return job
+
+
+# --- service ---------------------------------------------------------------------------
+
+
+@routes.get("/")
+async def root(request: web.Request) -> web.Response:
+    return json_response(
+        RootOut(
+            name="longdl",
+            version=longdl.__version__,
+            links={
+                "docs": "/docs",
+                "ui": "/ui",
+                "openapi": "/openapi.json",
+                "health": "/health",
+                "initiate": "/v1/download/initiate",
+            },
+        )
+    )
+
+
+async def _probe(check: object) -> str:
+    try:
+        async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_S):
+            await check  # type: ignore[misc]
+    except Exception as exc:
+        log.warning("health check failed: %r", exc)
+        return "error"
+    return "ok"
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    storage_state, database_state = await asyncio.gather(
+        _probe(request.app[keys.STORAGE].check()), _probe(request.app[keys.STORE].ping())
+    )
+    checks = {"storage": storage_state, "database": database_state}
+    healthy = all(v == "ok" for v in checks.values())
+    body = HealthOut(status="healthy" if healthy else "unhealthy", checks=checks)  # type: ignore[arg-type]
+    return json_response(body, 200 if healthy else 503, {hdrs.CACHE_CONTROL: "no-store"})
+
+
+# --- v1 --------------------------------------------------------------------------------
+
+
+@routes.post("/v1/download/check")
+async def check(request: web.Request) -> web.Response:
+    body = CheckRequest.model_validate_json(await read_json(request))
+    key = source_key(body.file_id)
+    info = await request.app[keys.STORAGE].head(key)
+    return json_response(
+        CheckOut(
+            file_id=body.file_id,
+            available=info is not None,
+            s3Key=key if info is not None else None,
+            size=info.size_bytes if info is not None else None,
+        )
+    )
+
+
+def request_hash(body: InitiateRequest) -> str:
+    """Identity of a request for idempotency: what would change the job."""
+    canonical = dumps(
+        {
+            "file_ids": body.unique_file_ids(),
+            "priority": body.priority,
+            "strict": body.strict,
+            "userId": body.userId,
+            "callbackUrl": str(body.callbackUrl) if body.callbackUrl else None,
+        }
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
+    """Queue a download job for the caller; returns the job and whether it was replayed."""
+    idempotency_key = request.headers.get("Idempotency-Key") or body.clientRequestId
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise HTTPProblem(
+            400, "Idempotency-Key must be 1 to 200 characters", code="VALIDATION_ERROR"
+        )
+    inserted = await request.app[keys.ENGINE].submit(
+        "download",
+        {"file_ids": body.unique_file_ids(), "strict": body.strict},
+        owner=caller_of(request),
+        priority=Priority.from_name(body.priority),
+        user_id=body.userId,
+        client_request_id=body.clientRequestId,
+        callback_url=str(body.callbackUrl) if body.callbackUrl else None,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(body),
+    )
+    return inserted.job, inserted.replayed
+
+
+def accepted(job: Job, replayed: bool) -> web.Response:
+    out = render.initiate_out(job)
+    headers: dict[str, str] = {
+        hdrs.LOCATION: out.statusUrl,
+        hdrs.RETRY_AFTER: render.retry_after_s(out.nextPollInMs),
+    }
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(out, 202, headers)
+
+
+@routes.post("/v1/download/initiate")
+async def initiate(request: web.Request) -> web.Response:
+    body = InitiateRequest.model_validate_json(await read_json(request))
+    job, replayed = await submit_download(request, body)
+    return accepted(job, replayed)
+
+
+def _wait_s(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait_s = float(raw)
+    except ValueError as exc:
+        raise HTTPProblem(400, "wait must be a number of seconds", code="VALIDATION_ERROR") from exc
+    if not wait_s >= 0:
+        raise HTTPProblem(400, "wait must be a number of seconds", code="VALIDATION_ERROR")
+    return min(wait_s, request.app[keys.SETTINGS].long_poll_max_s)
+
+
+async def job_response(request: web.Request, job: Job, status: int = 200) -> web.Response:
+    out = await render.job_out(request, job)
+    headers: dict[str, str] = {hdrs.ETAG: render.etag(job), hdrs.CACHE_CONTROL: "no-cache"}
+    if out.nextPollInMs is not None:
+        headers[hdrs.RETRY_AFTER] = render.retry_after_s(out.nextPollInMs)
+    return json_response(out, status, headers)
+
+
+@routes.get("/v1/download/status/{job_id}")
+async def status(request: web.Request) -> web.StreamResponse:
+    engine = request.app[keys.ENGINE]
+    wait_s = _wait_s(request)
+    # Take the change event before reading, so a change in between is not missed.
+    changed = engine.hub.event(request.match_info["job_id"])
+    job = await visible_job(request)
+    tag = render.etag(job)
+    client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
+    if wait_s > 0 and not job.status.finished and client_tag in (None, tag):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await changed.wait()
+        job = await visible_job(request)
+        tag = render.etag(job)
+    if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
+        headers = {hdrs.ETAG: tag, hdrs.CACHE_CONTROL: "no-cache"}
+        poll_ms = render.next_poll_ms(job)
+        if poll_ms is not None:
+            headers[hdrs.RETRY_AFTER] = render.retry_after_s(poll_ms)
+        return web.Response(status=304, headers=headers)
+    return await job_response(request, job)
+
+
+@routes.get("/v1/download/{job_id}")
+async def result(request: web.Request) -> web.StreamResponse:
+    job = await visible_job(request)
+    if job.status is JobStatus.COMPLETED:
+        signed = await render.sign_result(request, job)
+        assert signed is not None and job.result is not None
+        if request.query.get("redirect", "true").lower() in ("false", "0", "no"):
+            return json_response(
+                ResultLinkOut(
+                    url=signed.url,
+                    expiresAt=utc_iso(signed.expires_at) or "",
+                    filename=job.result["filename"],
+                    size=job.result["size_bytes"],
+                ),
+                headers={hdrs.CACHE_CONTROL: "no-store"},
+            )
+        raise web.HTTPFound(signed.url, headers={hdrs.CACHE_CONTROL: "no-store"})
+    if job.status is JobStatus.EXPIRED:
+        raise HTTPProblem(410, "The job's result expired and was deleted", code="JOB_EXPIRED")
+    if job.status.finished:
+        error = job.error or {}
+        raise HTTPProblem(
+            409,
+            error.get("message", f"The job is {job.status.value}"),
+            title=f"Job {job.status.value}",
+            code=error.get("code", job.status.value.upper()),
+        )
+    return await job_response(request, job, 202)
+
+
+async def _cancel(request: web.Request) -> web.Response:
+    job = await visible_job(request)
+    canceled = await request.app[keys.ENGINE].cancel(job.id)
+    return await job_response(request, canceled)
+
+
+@routes.post("/v1/download/cancel/{job_id}")
+async def cancel(request: web.Request) -> web.Response:
+    return await _cancel(request)
+
+
+@routes.delete("/v1/download/{job_id}")
+async def delete(request: web.Request) -> web.Response:
+    return await _cancel(request)
