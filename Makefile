@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run seed test lint typecheck bench clean
+.PHONY: install run seed test lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,17 +27,14 @@ run: seed
 	$(BIN)/longdl serve
 
 lint: install
-	$(BIN)/ruff check longdl tests examples
-	$(BIN)/ruff format --check longdl tests examples
+	$(BIN)/ruff check longdl tests
+	$(BIN)/ruff format --check longdl tests
 
 typecheck: install
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-
-bench: install
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) longdl-data .pytest_cache .mypy_cache .ruff_cache

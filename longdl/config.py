@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     #: Which storage backend keeps source files and bundles.
-    storage_backend: Literal["local", "s3"] = "local"
+    storage_backend: Literal["local"] = "local"
     #: HMAC secret for local signed URLs; generated once into DATA_DIR when unset.
     signing_secret: str | None = None
     #: Lifetime of a signed download URL.

@@ -9,11 +9,6 @@ from longdl.storage.local import LocalStorage, load_or_create_secret
 
 def from_settings(settings: Settings) -> Storage:
     """The backend ``settings.storage_backend`` names, not yet opened."""
-    if settings.storage_backend == "s3":
-        from longdl.storage.s3 import S3Storage
-
-        backend: Storage = S3Storage.from_settings(settings)
-        return backend
     secret = (
         settings.signing_secret.encode()
         if settings.signing_secret
