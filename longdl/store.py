@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosqlite
 
-from longdl import retry
+from longdl import exceptions, retry
 from longdl.models import FINISHED_STATUSES, Job, JobStatus, Priority, Progress
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -63,12 +63,20 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at);
     """,
+    # 2: who sent the job (API key name, else client address), for per-caller limits even
+    # when the service is open and every job has the same owner.
+    """
+    ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT '';
+    DROP INDEX jobs_active;
+    CREATE INDEX jobs_client_active ON jobs (client)
+        WHERE status IN ('queued', 'running', 'processing_artifacts');
+    """,
 )
 
 _JOB_COLUMNS = (
     "id, kind, status, priority, payload, attempts, max_attempts, progress, result, error, "
     "owner, user_id, client_request_id, callback_url, created_at, updated_at, started_at, "
-    "finished_at, run_after, expires_at"
+    "finished_at, run_after, expires_at, client"
 )
 
 _ACTIVE = ("queued", "running", "processing_artifacts")
@@ -108,6 +116,7 @@ def _row_to_job(row: aiosqlite.Row) -> Job:
         finished_at=row["finished_at"],
         run_after=row["run_after"],
         expires_at=row["expires_at"],
+        client=row["client"],
     )
 
 
@@ -121,11 +130,23 @@ class NewJob:
     max_attempts: int
     priority: Priority = Priority.NORMAL
     owner: str = ""
+    client: str = ""
     user_id: str | None = None
     client_request_id: str | None = None
     callback_url: str | None = None
     expires_at: float | None = None
     progress: Progress | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Back-pressure checked in the same transaction as the insert, so bursts cannot
+    overshoot them."""
+
+    max_queued: int
+    max_active_per_client: int
+    queued_retry_after_s: int = 30
+    active_retry_after_s: int = 10
 
 
 @dataclass(frozen=True)
@@ -238,11 +259,11 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def count_active(self, owner: str) -> int:
+    async def count_active(self, client: str) -> int:
         """Unfinished jobs of one caller."""
         async with self.db.execute(
-            f"SELECT count(*) FROM jobs WHERE owner = ? AND status IN ({_placeholders(_ACTIVE)})",
-            (owner, *_ACTIVE),
+            f"SELECT count(*) FROM jobs WHERE client = ? AND status IN ({_placeholders(_ACTIVE)})",
+            (client, *_ACTIVE),
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
@@ -296,16 +317,23 @@ class Store:
     # --- writes ------------------------------------------------------------------------
 
     async def insert_job(
-        self, new: NewJob, *, idempotency_key: str | None = None, request_hash: str = ""
+        self,
+        new: NewJob,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+        limits: Limits | None = None,
     ) -> Inserted:
         """Insert a queued job, or return the job an idempotency key already names.
 
-        The key's uniqueness is a primary key, so concurrent requests with one key
-        make one job.
+        The key's uniqueness is a primary key and the whole check-and-insert runs in one
+        ``BEGIN IMMEDIATE`` transaction, so concurrent requests with one key make one job.
+        A replay is returned even when the limits are reached: it creates nothing.
 
         Raises:
-            exceptions.IdempotencyMismatch: via the caller, when ``replayed`` is True
-            and the stored request hash differs (checked by :meth:`Engine.submit`).
+            exceptions.Overloaded: ``limits.max_queued`` jobs are already waiting.
+            exceptions.TooManyActiveJobs: the client has ``limits.max_active_per_client``
+                unfinished jobs.
         """
         now = self._clock()
         progress = new.progress or Progress()
@@ -330,8 +358,11 @@ class Store:
                         assert job is not None  # cascaded delete removes the key too
                         job.extra["request_hash"] = existing["request_hash"]
                         return Inserted(job, replayed=True)
+                if limits is not None:
+                    await self._check_limits(new.client, limits)
                 await self.db.execute(
-                    f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({_placeholders(range(20))})",
+                    f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES "
+                    f"({_placeholders(_JOB_COLUMNS.split(','))})",
                     (
                         new.id,
                         new.kind,
@@ -353,6 +384,7 @@ class Store:
                         None,
                         now,
                         new.expires_at,
+                        new.client,
                     ),
                 )
                 if idempotency_key is not None:
@@ -368,6 +400,18 @@ class Store:
         job = await self.get_job(new.id)
         assert job is not None
         return Inserted(job, replayed=False)
+
+    async def _check_limits(self, client: str, limits: Limits) -> None:
+        """Raise if a new job would exceed ``limits``; runs inside the insert transaction."""
+        if await self.count_queued() >= limits.max_queued:
+            raise exceptions.Overloaded(
+                "Too many jobs are waiting; try again later", limits.queued_retry_after_s
+            )
+        if await self.count_active(client) >= limits.max_active_per_client:
+            raise exceptions.TooManyActiveJobs(
+                f"At most {limits.max_active_per_client} unfinished jobs per caller",
+                limits.active_retry_after_s,
+            )
 
     async def claim_next(self) -> Job | None:
         """Move the most urgent claimable queued job to running and return it.
@@ -528,4 +572,4 @@ class Store:
         return len(rows)
 
 
-__all__ = ["FINISHED_STATUSES", "Inserted", "NewJob", "Store"]
+__all__ = ["FINISHED_STATUSES", "Inserted", "Limits", "NewJob", "Store"]
