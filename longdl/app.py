@@ -13,7 +13,7 @@ from longdl import storage as storage_backends
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import files, keys, problems, routes
+from longdl.web import files, keys, policy, routes
 
 log = logging.getLogger("longdl")
 
@@ -33,11 +33,9 @@ def create_app(
             opened and closed by the app).
     """
     settings = settings or Settings()
-    app = web.Application(
-        middlewares=[problems.request_ids, problems.problems],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
+    policy.install(app, settings)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
