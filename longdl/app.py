@@ -10,6 +10,7 @@ from aiohttp import web
 
 from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
+from longdl import webhooks
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
@@ -66,6 +67,7 @@ def create_app(
         await engine.stop()
 
     app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
+    app.cleanup_ctx.append(webhooks.worker_ctx)
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
     return app

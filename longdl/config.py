@@ -152,6 +152,18 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     #: Private or loopback hosts webhooks may still target.
     webhook_allow_hosts: CsvList = Field(default_factory=list)
+    #: Delivery attempts of one webhook before it is marked failed.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    #: Time limit of one delivery attempt (connect, send, response).
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    #: First retry delay ceiling of a webhook; doubles each attempt (full jitter).
+    webhook_retry_base_ms: int = Field(default=10_000, ge=0)
+    #: Webhook retry delay ceiling.
+    webhook_retry_max_ms: int = Field(default=3_600_000, ge=0)
+    #: A delivery still failing this long after its job finished is given up.
+    webhook_max_age_s: float = Field(default=24 * 3600, gt=0)
+    #: Deliveries in flight at once.
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
 
     _split = field_validator(
         "sync_origins",

@@ -102,6 +102,14 @@ def problem_for(exc: Exception) -> HTTPProblem | None:
         )
     if isinstance(exc, exceptions.InvalidSignature):
         return HTTPProblem(403, str(exc), code="INVALID_SIGNATURE")
+    if isinstance(exc, exceptions.WebhookTargetRefused):
+        return HTTPProblem(
+            400,
+            "The request is invalid",
+            title="Invalid request",
+            code="VALIDATION_ERROR",
+            errors=[ProblemFieldError(field="callbackUrl", message=str(exc))],
+        )
     return None
 
 

@@ -18,7 +18,7 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 import longdl
-from longdl import exceptions
+from longdl import exceptions, webhooks
 from longdl.handlers.download import source_key
 from longdl.models import (
     CheckOut,
@@ -177,6 +177,7 @@ def request_hash(body: InitiateRequest) -> str:
 
 async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
     """Queue a download job for the caller; returns the job and whether it was replayed."""
+    await webhooks.check_target(body.callbackUrl, request.app[keys.SETTINGS])
     idempotency_key = request.headers.get("Idempotency-Key") or body.clientRequestId
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPProblem(
