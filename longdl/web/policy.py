@@ -20,7 +20,7 @@ import ipaddress
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import limits
@@ -181,7 +181,8 @@ class RateLimiter:
         window = RateWindow(
             limit=item.amount,
             remaining=stats.remaining,
-            reset_s=max(0, math.ceil(stats.reset_time - now)),
+            # The library's expiry can round past the window; never promise a later reset.
+            reset_s=min(self.window_s, max(0, math.ceil(stats.reset_time - now))),
             window_s=self.window_s,
         )
         return allowed, window
@@ -328,6 +329,13 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     return await handler(request)
 
 
+def add_vary(headers: MutableMapping[str, str], name: str) -> None:
+    """Add ``name`` to the one Vary header (clients often read only the first)."""
+    present = [v.strip() for v in headers.get(hdrs.VARY, "").split(",") if v.strip()]
+    if name.lower() not in (v.lower() for v in present):
+        headers[hdrs.VARY] = ", ".join([*present, name])
+
+
 async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Add the headers every response carries, just before it is sent."""
     headers = response.headers
@@ -348,7 +356,7 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
             headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = allowed
             headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
             if allowed != "*":
-                headers.add(hdrs.VARY, "Origin")
+                add_vary(headers, "Origin")
 
 
 def install(app: web.Application, settings: Settings) -> None:
