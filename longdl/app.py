@@ -14,7 +14,7 @@ from longdl import webhooks
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import files, keys, policy, routes
+from longdl.web import files, keys, metrics, openapi, policy, problems, routes
 
 log = logging.getLogger("longdl")
 
@@ -34,9 +34,22 @@ def create_app(
             opened and closed by the app).
     """
     settings = settings or Settings()
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        # Outermost first: every later layer sees a request id and the caller; metrics
+        # time what the client gets, problems included; auth and limits raise problems.
+        middlewares=[
+            policy.context,
+            metrics.observe,
+            policy.cors,
+            problems.problems,
+            policy.auth,
+            policy.rate_limit,
+        ],
+        client_max_size=settings.max_body_bytes,
+    )
     app[keys.SETTINGS] = settings
     policy.install(app, settings)
+    metrics.install(app)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -55,6 +68,7 @@ def create_app(
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = Engine(app[keys.STORE], app[keys.STORAGE], all_handlers, settings)
+        engine.hub.add_listener(app[metrics.METRICS].on_job_change)
         await engine.start()
         app[keys.ENGINE] = engine
         log.info(
@@ -70,4 +84,5 @@ def create_app(
     app.cleanup_ctx.append(webhooks.worker_ctx)
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
+    openapi.install(app)
     return app

@@ -1,6 +1,6 @@
 """Request policy: who the caller is, API keys, rate limits, CORS and security headers.
 
-Middlewares, outermost first (see :func:`install`)::
+Middlewares, outermost first (app.py lists them in this order)::
 
     context      request id; the caller's address and identity
     cors         answers preflights; refuses nothing else
@@ -30,7 +30,7 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from yarl import URL
 
 from longdl.config import Network, Settings, parse_api_keys, parse_networks
-from longdl.web import keys, problems
+from longdl.web import keys
 from longdl.web.problems import REQUEST_ID_HEADER, HTTPProblem, problem_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -360,7 +360,6 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
 
 
 def install(app: web.Application, settings: Settings) -> None:
-    """Parse the policy once and wire its middlewares and header hook into ``app``."""
+    """Parse the policy once and add the header hook (app.py orders the middlewares)."""
     app[POLICY] = Policy.from_settings(settings)
-    app.middlewares.extend([context, cors, problems.problems, auth, rate_limit])
     app.on_response_prepare.append(stamp_headers)

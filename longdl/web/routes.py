@@ -29,6 +29,7 @@ from longdl.models import (
     InitiateOut,
     InitiateRequest,
     Job,
+    JobOut,
     JobStatus,
     Priority,
     ResultLinkOut,
@@ -39,6 +40,7 @@ from longdl.models import (
     utc_iso,
 )
 from longdl.web import keys, policy, render
+from longdl.web.openapi import JOB_ID, Param, Resp, doc, problem
 from longdl.web.problems import HTTPProblem, dumps, read_json
 
 log = logging.getLogger("longdl.web")
@@ -46,6 +48,29 @@ log = logging.getLogger("longdl.web")
 HEALTH_CHECK_TIMEOUT_S = 2.0
 
 routes = web.RouteTableDef()
+
+#: Errors of every route that reads a JSON body.
+BODY_ERRORS: Mapping[int, Resp] = {
+    400: problem("Invalid JSON or a field out of its range; errors[] names the fields"),
+    413: problem("The body is larger than MAX_BODY_BYTES"),
+    415: problem("The body is not JSON"),
+}
+#: Errors of routes that create jobs.
+SUBMIT_ERRORS: Mapping[int, Resp] = {
+    **BODY_ERRORS,
+    422: problem("This Idempotency-Key was used with a different request"),
+    429: problem("Rate limited, or MAX_ACTIVE_PER_USER unfinished jobs", "Retry-After"),
+    503: problem("MAX_QUEUED jobs are waiting, or the service is shutting down", "Retry-After"),
+}
+NOT_FOUND = problem("No such job, or not the caller's")
+IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key",
+    "header",
+    "Replays the same job for the same request within 24 h (scoped to the caller)",
+)
+PREFER = Param(
+    "Prefer", "header", "respond-async, or wait=N: wait up to N s (SYNC_WAIT_MAX_S at most)"
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +131,12 @@ async def visible_job(request: web.Request) -> Job:
 
 
 @routes.get("/")
+@doc(
+    "Service name, version and links",
+    tag="service",
+    v1=False,
+    responses={200: Resp("The service", RootOut)},
+)
 async def root(request: web.Request) -> web.Response:
     return json_response(
         RootOut(
@@ -133,6 +164,15 @@ async def _probe(check: object) -> str:
 
 
 @routes.get("/health")
+@doc(
+    "Storage and database health",
+    tag="service",
+    v1=False,
+    responses={
+        200: Resp("Healthy", HealthOut),
+        503: Resp("A check failed; it says error", HealthOut),
+    },
+)
 async def health(request: web.Request) -> web.Response:
     storage_state, database_state = await asyncio.gather(
         _probe(request.app[keys.STORAGE].check()), _probe(request.app[keys.STORE].ping())
@@ -147,6 +187,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/download/check")
+@doc(
+    "Whether a source file exists, and its size",
+    tag="downloads",
+    body=CheckRequest,
+    responses={200: Resp("Availability", CheckOut), **BODY_ERRORS},
+)
 async def check(request: web.Request) -> web.Response:
     body = CheckRequest.model_validate_json(await read_json(request))
     key = source_key(body.file_id)
@@ -226,6 +272,23 @@ async def wait_if_preferred(
 
 
 @routes.post("/v1/download/initiate")
+@doc(
+    "Start a download job; answers at once",
+    tag="downloads",
+    body=InitiateRequest,
+    params=[IDEMPOTENCY_KEY, PREFER],
+    responses={
+        202: Resp(
+            "Queued (or replayed): poll statusUrl",
+            InitiateOut,
+            headers=("Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied"),
+        ),
+        200: Resp(
+            "Prefer: wait=N and the job finished in time", JobOut, headers=("Preference-Applied",)
+        ),
+        **SUBMIT_ERRORS,
+    },
+)
 async def initiate(request: web.Request) -> web.Response:
     body = InitiateRequest.model_validate_json(await read_json(request))
     prefs = parse_prefer(request.headers.getall("Prefer", []))
@@ -240,6 +303,25 @@ async def initiate(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/download/start")
+@doc(
+    "The original synchronous download, safe behind proxies",
+    tag="downloads",
+    description=(
+        "Local callers (loopback or an Origin in SYNC_ORIGINS, and no forwarding header) "
+        "wait and get the original shape; everyone else gets 202 and a URL to poll."
+    ),
+    body=StartRequest,
+    params=[IDEMPOTENCY_KEY, PREFER],
+    responses={
+        200: Resp("Finished (original shape)", StartOut, headers=("Preference-Applied",)),
+        202: Resp(
+            "Still running, or a remote caller: poll pollingEndpoint",
+            StartAcceptedOut,
+            headers=("Location", "Retry-After", "Preference-Applied"),
+        ),
+        **SUBMIT_ERRORS,
+    },
+)
 async def start(request: web.Request) -> web.Response:
     """The original synchronous endpoint, made safe behind proxies (DESIGN.md §3).
 
@@ -318,6 +400,26 @@ async def job_response(request: web.Request, job: Job, status: int = 200) -> web
 
 
 @routes.get("/v1/download/status/{job_id}")
+@doc(
+    "The job, with progress; long-poll with ?wait=",
+    tag="downloads",
+    params=[
+        JOB_ID,
+        Param(
+            "wait",
+            "query",
+            "Long-poll: answer when the job changes, at most LONG_POLL_MAX_S",
+            {"type": "number", "minimum": 0},
+        ),
+        Param("If-None-Match", "header", "ETag of the last answer: 304 when unchanged"),
+    ],
+    responses={
+        200: Resp("The job", JobOut, headers=("ETag", "Retry-After")),
+        304: Resp("Unchanged since If-None-Match", headers=("ETag", "Retry-After")),
+        400: problem("A bad wait"),
+        404: NOT_FOUND,
+    },
+)
 async def status(request: web.Request) -> web.StreamResponse:
     engine = request.app[keys.ENGINE]
     wait_s = _wait_s(request)
@@ -372,6 +474,25 @@ def history_query(request: web.Request) -> HistoryQuery:
 
 # Registered before /v1/download/{job_id}, which would otherwise take "history" as an id.
 @routes.get("/v1/download/history")
+@doc(
+    "The caller's jobs, newest first",
+    tag="downloads",
+    params=[
+        Param("userId", "query", "Only this user's jobs"),
+        Param(
+            "status",
+            "query",
+            "Only these statuses; repeat or comma-separate",
+            {"type": "string"},
+        ),
+        Param("limit", "query", "Page size", {"type": "integer", "minimum": 1, "maximum": 100}),
+        Param("cursor", "query", "nextCursor of the previous page"),
+    ],
+    responses={
+        200: Resp("A page of jobs", HistoryOut),
+        400: problem("A bad parameter (unknown ones included)"),
+    },
+)
 async def history(request: web.Request) -> web.Response:
     params = history_query(request)
     before = decode_cursor(params.cursor) if params.cursor else None
@@ -394,6 +515,27 @@ async def history(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/download/{job_id}")
+@doc(
+    "The result: a redirect to a fresh signed URL once completed",
+    tag="downloads",
+    params=[
+        JOB_ID,
+        Param(
+            "redirect",
+            "query",
+            "false: answer the URL as JSON instead of redirecting",
+            {"type": "boolean"},
+        ),
+    ],
+    responses={
+        302: Resp("Completed: go to the signed URL", headers=("Location",)),
+        200: Resp("Completed, with redirect=false", ResultLinkOut),
+        202: Resp("Not finished yet: poll again", JobOut, headers=("Retry-After",)),
+        404: NOT_FOUND,
+        409: problem("Failed or canceled: the job's error"),
+        410: problem("Expired: the result was deleted"),
+    },
+)
 async def result(request: web.Request) -> web.StreamResponse:
     job = await visible_job(request)
     if job.status is JobStatus.COMPLETED:
@@ -430,10 +572,30 @@ async def _cancel(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/download/cancel/{job_id}")
+@doc(
+    "Cancel a queued or running job",
+    tag="downloads",
+    params=[JOB_ID],
+    responses={
+        200: Resp("Canceled", JobOut),
+        404: NOT_FOUND,
+        409: problem("Already finished"),
+    },
+)
 async def cancel(request: web.Request) -> web.Response:
     return await _cancel(request)
 
 
 @routes.delete("/v1/download/{job_id}")
+@doc(
+    "Cancel a queued or running job (as POST /v1/download/cancel/{job_id})",
+    tag="downloads",
+    params=[JOB_ID],
+    responses={
+        200: Resp("Canceled", JobOut),
+        404: NOT_FOUND,
+        409: problem("Already finished"),
+    },
+)
 async def delete(request: web.Request) -> web.Response:
     return await _cancel(request)
