@@ -323,3 +323,23 @@ class RootOut(BaseModel):
     name: str
     version: str
     links: dict[str, str]
+
+
+class HistoryQuery(BaseModel):
+    """Query of ``GET /v1/download/history``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    userId: str | None = Field(default=None, min_length=1, max_length=200)
+    status: list[JobStatus] = Field(default_factory=list, description="Repeat or comma-separate.")
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=400)
+
+
+class HistoryOut(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    items: list[JobOut]
+    nextCursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end."
+    )

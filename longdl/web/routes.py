@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Mapping
@@ -18,6 +21,8 @@ from longdl.models import (
     CheckOut,
     CheckRequest,
     HealthOut,
+    HistoryOut,
+    HistoryQuery,
     InitiateRequest,
     Job,
     JobStatus,
@@ -218,6 +223,58 @@ async def status(request: web.Request) -> web.StreamResponse:
             headers[hdrs.RETRY_AFTER] = render.retry_after_s(poll_ms)
         return web.Response(status=304, headers=headers)
     return await job_response(request, job)
+
+
+def encode_cursor(job: Job) -> str:
+    """An opaque cursor pointing just after ``job`` in newest-first order."""
+    raw = json.dumps([job.created_at, job.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) a cursor points after; 400 for anything we did not mint."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return float(created_at), str(uuid.UUID(job_id))
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise HTTPProblem(
+            400, "cursor is not one this service issued", code="VALIDATION_ERROR"
+        ) from exc
+
+
+def history_query(request: web.Request) -> HistoryQuery:
+    """Parse the history query; ``status`` may be repeated or comma-separated."""
+    query = request.query
+    unknown = set(query) - set(HistoryQuery.model_fields)
+    data: dict[str, object] = {k: v for k, v in query.items() if k != "status"}
+    data["status"] = [s for value in query.getall("status", []) for s in value.split(",") if s]
+    for name in unknown:
+        data[name] = query[name]
+    return HistoryQuery.model_validate(data)
+
+
+# Registered before /v1/download/{job_id}, which would otherwise take "history" as an id.
+@routes.get("/v1/download/history")
+async def history(request: web.Request) -> web.Response:
+    params = history_query(request)
+    before = decode_cursor(params.cursor) if params.cursor else None
+    jobs = await request.app[keys.STORE].list_jobs(
+        owner=caller_of(request),
+        user_id=params.userId,
+        statuses=params.status,
+        limit=params.limit + 1,
+        before=before,
+    )
+    page = jobs[: params.limit]
+    engine = request.app[keys.ENGINE]
+    # Rows of running jobs lag behind their in-memory progress; show the live state.
+    live = [await engine.get(job.id) or job for job in page]
+    next_cursor = encode_cursor(page[-1]) if len(jobs) > params.limit else None
+    out = HistoryOut(
+        items=[await render.job_out(request, job) for job in live], nextCursor=next_cursor
+    )
+    return json_response(out, headers={hdrs.CACHE_CONTROL: "no-cache"})
 
 
 @routes.get("/v1/download/{job_id}")
