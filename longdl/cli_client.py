@@ -291,16 +291,16 @@ async def cmd_jobs_ls(client: api.LongdlClient, args: argparse.Namespace) -> int
 
 
 async def cmd_jobs_show(client: api.LongdlClient, args: argparse.Namespace) -> int:
-    _print_job(await client.status(args.job_id), args.json)
+    _print_job(client, await client.status(args.job_id), args.json)
     return EXIT_OK
 
 
 async def cmd_jobs_cancel(client: api.LongdlClient, args: argparse.Namespace) -> int:
-    _print_job(await client.cancel(args.job_id), args.json)
+    _print_job(client, await client.cancel(args.job_id), args.json)
     return EXIT_OK
 
 
-def _print_job(job: JobOut, as_json: bool) -> None:
+def _print_job(client: api.LongdlClient, job: JobOut, as_json: bool) -> None:
     if as_json:
         print(job.model_dump_json(indent=2))
         return
@@ -323,7 +323,7 @@ def _print_job(job: JobOut, as_json: bool) -> None:
         if job.result.missing:
             rows.append(("missing", " ".join(str(i) for i in job.result.missing)))
     if job.downloadUrl:
-        rows.append(("url", job.downloadUrl))
+        rows.append(("url", str(client.url_for(job.downloadUrl))))
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 

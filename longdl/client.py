@@ -271,7 +271,9 @@ class SseParser:
     _data: list[str] = field(default_factory=list)
     _id: str | None = None
     _retry_ms: int | None = None
+    _id_seen: bool = False
     _started: bool = False
+    _after_cr: bool = False
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Parse ``chunk``; return the events it completed."""
@@ -282,16 +284,26 @@ class SseParser:
         if not self._started and text:
             self._started = True
             text = text.removeprefix("\ufeff")
+        if self._after_cr and text:
+            # The previous chunk ended in CR: a LF opening this one belongs to that CRLF.
+            self._after_cr = False
+            text = text.removeprefix("\n")
         self._buffer += text
         events: list[SseEvent] = []
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                break
-            line, self._buffer = self._buffer[: cut[0]], self._buffer[cut[1] :]
-            event = self._line(line)
+        start = 0
+        for index, char in enumerate(self._buffer):
+            if index < start or char not in "\r\n":
+                continue
+            event = self._line(self._buffer[start:index])
             if event is not None:
                 events.append(event)
+            start = index + 1
+            if char == "\r":
+                if index + 1 == len(self._buffer):
+                    self._after_cr = True
+                elif self._buffer[index + 1] == "\n":
+                    start += 1
+        self._buffer = self._buffer[start:]
         return events
 
     def _line(self, line: str) -> SseEvent | None:
@@ -308,6 +320,7 @@ class SseParser:
             self._data.append(value)
         elif name == "id" and "\0" not in value:
             self._id = value
+            self._id_seen = True
         elif name == "retry" and value.isdigit():
             self._retry_ms = int(value)
         return None
@@ -319,22 +332,11 @@ class SseParser:
             id=self._id,
             retry_ms=self._retry_ms,
         )
-        # The last event id persists across events (it is what Last-Event-ID resends).
-        has_content = bool(self._data) or self._retry_ms is not None
-        self._event, self._data, self._retry_ms = "", [], None
+        # An event with only an id or retry still moves the reconnection state; the id
+        # itself persists across events (it is what Last-Event-ID resends).
+        has_content = bool(self._data) or self._retry_ms is not None or self._id_seen
+        self._event, self._data, self._retry_ms, self._id_seen = "", [], None, False
         return event if has_content else None
-
-
-def _line_end(buffer: str) -> tuple[int, int] | None:
-    """Where the first complete line of ``buffer`` ends: (end of text, start of next)."""
-    for index, char in enumerate(buffer):
-        if char == "\n":
-            return index, index + 1
-        if char == "\r":
-            if index + 1 == len(buffer):
-                return None  # a CR at the end may be the first half of a CRLF
-            return index, index + (2 if buffer[index + 1] == "\n" else 1)
-    return None
 
 
 def parse_sse(text: str) -> list[SseEvent]:
@@ -600,9 +602,8 @@ class LongdlClient:
         answer = await self._send("GET", "/v1/download/history", params=params)
         if answer.status != 200:
             raise _api_error(answer)
-        data = json.loads(answer.body)
-        items = [models.JobOut.model_validate(item) for item in data.get("items", [])]
-        return HistoryPage(items=items, next_cursor=data.get("nextCursor"))
+        page = models.HistoryOut.model_validate_json(answer.body)
+        return HistoryPage(items=page.items, next_cursor=page.nextCursor)
 
     async def result_link(self, job_id: str) -> models.ResultLinkOut | None:
         """A freshly signed URL of the job's result; None while the job is unfinished.
@@ -917,6 +918,7 @@ class _StreamState:
 
     last_event_id: str | None = None
     retry_ms: int | None = None
+    #: Job resources received over all connections.
     events: int = 0
 
 
@@ -927,7 +929,6 @@ async def _follow(
     parser = SseParser()
     async for chunk in response.content.iter_any():
         for event in parser.feed(chunk):
-            stream.events += 1
             if event.id is not None:
                 stream.last_event_id = event.id
             if event.retry_ms is not None:
@@ -935,6 +936,7 @@ async def _follow(
             job = _job_of(event)
             if job is None:
                 continue
+            stream.events += 1
             if on_progress is not None:
                 on_progress(job)
             if job.status.finished:
