@@ -37,8 +37,8 @@ EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_SERVER = "http://localhost:3000"
-#: Jobs a re-run of ``get`` may chain through when the one it finds already failed.
-MAX_REINITIATES = 3
+#: Dead jobs (failed, canceled, expired) a re-run of ``get`` walks past to reach a live one.
+MAX_REINITIATES = 10
 
 EXIT_CODES_HELP = """exit codes:
   0    done

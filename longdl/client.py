@@ -76,7 +76,7 @@ MAX_RETRY_AFTER_S = 30.0
 LONG_POLL_S = 20.0
 #: Heartbeats come at least every 15 s; a silent stream after this is dead.
 SSE_READ_TIMEOUT_S = 45.0
-#: Event stream connections in a row that bring no event before falling back to polling.
+#: Event stream connections in a row that fail (error, 5xx) before falling back to polling.
 SSE_MAX_FAILURES = 3
 #: Read size of a download.
 CHUNK_BYTES = 256 * 1024
@@ -668,7 +668,6 @@ class LongdlClient:
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
             if stream.last_event_id is not None:
                 headers["Last-Event-ID"] = stream.last_event_id
-            events_before = stream.events
             try:
                 async with self.session.get(
                     url, headers=self._headers(url, headers), timeout=timeout
@@ -677,6 +676,9 @@ class LongdlClient:
                         job = await _follow(response, stream, on_progress)
                         if job is not None:
                             return job
+                        # A clean end before the final status: servers cap a stream's
+                        # lifetime under proxy timeouts. Not a failure; reconnect.
+                        failures = 0
                     else:
                         answer = _Answer(response.status, response.headers, await response.read())
                         if answer.status not in RETRY_STATUSES:
@@ -685,10 +687,13 @@ class LongdlClient:
                                 raise error
                             log.debug("no event stream (HTTP %d): polling", answer.status)
                             return None
+                        failures += 1
+            except _ForeignStream:
+                log.warning("the events route does not send job resources: polling")
+                return None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.debug("event stream broke job_id=%s error=%r", job_id, exc)
-            # The stream ended or broke before the final status: reconnect where it was.
-            failures = 0 if stream.events > events_before else failures + 1
+                failures += 1
             if stream.retry_ms is not None:
                 await asyncio.sleep(stream.retry_ms / 1000)
             else:
@@ -901,31 +906,26 @@ def _check_file(path: Path, size_bytes: int, sha256: str | None) -> str | None:
     return None
 
 
-def _job_of(event: SseEvent) -> models.JobOut | None:
-    """The job resource an event carries, if any (heartbeats and unknown data: None)."""
-    if not event.data:
-        return None
-    try:
-        return models.JobOut.model_validate_json(event.data)
-    except pydantic.ValidationError:
-        log.debug("ignoring event %r: not a job resource", event.event)
-        return None
-
-
 @dataclass
 class _StreamState:
     """What survives a reconnection of an event stream."""
 
     last_event_id: str | None = None
     retry_ms: int | None = None
-    #: Job resources received over all connections.
-    events: int = 0
+
+
+class _ForeignStream(Exception):
+    """The events route sends data that is not a job resource: another dialect."""
 
 
 async def _follow(
     response: aiohttp.ClientResponse, stream: _StreamState, on_progress: JobCallback | None
 ) -> models.JobOut | None:
-    """Read an event stream until a finished job arrives (returned) or the stream ends."""
+    """Read an event stream until a finished job arrives (returned) or the stream ends.
+
+    Raises:
+        _ForeignStream: an event carried data that is not a job resource.
+    """
     parser = SseParser()
     async for chunk in response.content.iter_any():
         for event in parser.feed(chunk):
@@ -933,10 +933,12 @@ async def _follow(
                 stream.last_event_id = event.id
             if event.retry_ms is not None:
                 stream.retry_ms = event.retry_ms
-            job = _job_of(event)
-            if job is None:
+            if not event.data:
                 continue
-            stream.events += 1
+            try:
+                job = models.JobOut.model_validate_json(event.data)
+            except pydantic.ValidationError as exc:
+                raise _ForeignStream(event.event) from exc
             if on_progress is not None:
                 on_progress(job)
             if job.status.finished:
