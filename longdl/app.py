@@ -10,10 +10,11 @@ from aiohttp import web
 
 from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
+from longdl import webhooks
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import files, keys, problems, routes
+from longdl.web import files, keys, policy, routes
 
 log = logging.getLogger("longdl")
 
@@ -33,11 +34,9 @@ def create_app(
             opened and closed by the app).
     """
     settings = settings or Settings()
-    app = web.Application(
-        middlewares=[problems.request_ids, problems.problems],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
+    policy.install(app, settings)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -68,6 +67,7 @@ def create_app(
         await engine.stop()
 
     app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
+    app.cleanup_ctx.append(webhooks.worker_ctx)
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
     return app

@@ -129,6 +129,8 @@ class Job:
     created_at: float
     updated_at: float
     owner: str = ""
+    #: Who sent it: the API key's name, else the client address (per-caller limits).
+    client: str = ""
     user_id: str | None = None
     client_request_id: str | None = None
     idempotency_key: str | None = None
@@ -343,3 +345,22 @@ class HistoryOut(BaseModel):
     nextCursor: str | None = Field(
         description="Pass as ?cursor= for the next page; null at the end."
     )
+
+
+class StartOut(BaseModel):
+    """The original synchronous answer of ``POST /v1/download/start``."""
+
+    file_id: int
+    status: Literal["completed", "failed"]
+    downloadUrl: str | None = Field(description="Signed URL when completed; absolute.")
+    size: int | None = Field(description="Size of the download in bytes.")
+    processingTimeMs: int
+    message: str
+
+
+class StartAcceptedOut(InitiateOut):
+    """``POST /v1/download/start`` for callers that must not wait: poll instead."""
+
+    file_id: int
+    pollingEndpoint: str = Field(description="Poll this URL (the status URL).")
+    message: str

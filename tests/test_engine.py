@@ -316,3 +316,21 @@ async def test_progress_reaches_the_database_on_its_cadence(make_client: AppFact
     await wait_for(flushed)
     gate.release.set()
     await finished(client, job_id)
+
+
+async def test_final_notification_comes_after_memory_is_cleared(
+    client: TestClient[Any, Any],
+) -> None:
+    """When a job's final status is announced, readers no longer see its running copy."""
+    engine = client.app[keys.ENGINE]
+    running_at_final: list[int] = []
+    engine.hub.add_listener(
+        lambda job: running_at_final.append(engine.running_count) if job.status.finished else None
+    )
+    job_id = await initiate(client, [70000, 70007])
+
+    job = await engine.wait_finished(job_id, 30)
+
+    assert job is not None
+    assert JobStatus.COMPLETED == job.status
+    assert [0] == running_at_final

@@ -9,13 +9,16 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import hdrs, web
+from yarl import URL
 
 import longdl
-from longdl import exceptions
+from longdl import exceptions, webhooks
 from longdl.handlers.download import source_key
 from longdl.models import (
     CheckOut,
@@ -23,15 +26,19 @@ from longdl.models import (
     HealthOut,
     HistoryOut,
     HistoryQuery,
+    InitiateOut,
     InitiateRequest,
     Job,
     JobStatus,
     Priority,
     ResultLinkOut,
     RootOut,
+    StartAcceptedOut,
+    StartOut,
+    StartRequest,
     utc_iso,
 )
-from longdl.web import keys, render
+from longdl.web import keys, policy, render
 from longdl.web.problems import HTTPProblem, dumps, read_json
 
 log = logging.getLogger("longdl.web")
@@ -39,6 +46,33 @@ log = logging.getLogger("longdl.web")
 HEALTH_CHECK_TIMEOUT_S = 2.0
 
 routes = web.RouteTableDef()
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """What a ``Prefer`` header (RFC 7240) asks of us."""
+
+    respond_async: bool = False
+    wait_s: float | None = None
+
+
+def parse_prefer(values: list[str]) -> Preferences:
+    """Read ``respond-async`` and ``wait=N``; unknown or malformed preferences are ignored,
+    as RFC 7240 says they must be."""
+    respond_async = False
+    wait_s: float | None = None
+    for value in values:
+        for preference in value.split(","):
+            token, _, raw = preference.split(";")[0].partition("=")
+            name = token.strip().lower()
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait":
+                with contextlib.suppress(ValueError):
+                    seconds = float(raw.strip().strip('"'))
+                    if seconds >= 0 and math.isfinite(seconds):
+                        wait_s = seconds
+    return Preferences(respond_async, wait_s)
 
 
 def caller_of(request: web.Request) -> str:
@@ -143,6 +177,7 @@ def request_hash(body: InitiateRequest) -> str:
 
 async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
     """Queue a download job for the caller; returns the job and whether it was replayed."""
+    await webhooks.check_target(body.callbackUrl, request.app[keys.SETTINGS])
     idempotency_key = request.headers.get("Idempotency-Key") or body.clientRequestId
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPProblem(
@@ -152,6 +187,7 @@ async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[
         "download",
         {"file_ids": body.unique_file_ids(), "strict": body.strict},
         owner=caller_of(request),
+        client=request[keys.CLIENT],
         priority=Priority.from_name(body.priority),
         user_id=body.userId,
         client_request_id=body.clientRequestId,
@@ -162,22 +198,102 @@ async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[
     return inserted.job, inserted.replayed
 
 
-def accepted(job: Job, replayed: bool) -> web.Response:
-    out = render.initiate_out(job)
+def accepted_headers(out: InitiateOut, replayed: bool) -> dict[str, str]:
     headers: dict[str, str] = {
         hdrs.LOCATION: out.statusUrl,
         hdrs.RETRY_AFTER: render.retry_after_s(out.nextPollInMs),
+        hdrs.VARY: "Prefer",
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(out, 202, headers)
+    return headers
+
+
+async def wait_if_preferred(
+    request: web.Request, job: Job, wait_s: float, prefs: Preferences
+) -> tuple[Job, dict[str, str]]:
+    """Wait up to ``wait_s`` (capped by SYNC_WAIT_MAX_S) for the job to finish.
+
+    Returns the job as it is then, and the Preference-Applied header to send.
+    """
+    if prefs.respond_async:
+        return job, {"Preference-Applied": "respond-async"}
+    wait_s = min(wait_s, request.app[keys.SETTINGS].sync_wait_max_s)
+    if wait_s > 0 and not job.status.finished:
+        job = await request.app[keys.ENGINE].wait_finished(job.id, wait_s) or job
+    applied = {"Preference-Applied": f"wait={wait_s:g}"} if prefs.wait_s is not None else {}
+    return job, applied
 
 
 @routes.post("/v1/download/initiate")
 async def initiate(request: web.Request) -> web.Response:
     body = InitiateRequest.model_validate_json(await read_json(request))
+    prefs = parse_prefer(request.headers.getall("Prefer", []))
     job, replayed = await submit_download(request, body)
-    return accepted(job, replayed)
+    job, applied = await wait_if_preferred(request, job, prefs.wait_s or 0.0, prefs)
+    if prefs.wait_s is not None and not prefs.respond_async and job.status.finished:
+        response = await job_response(request, job)
+        response.headers.update({hdrs.VARY: "Prefer", **applied})
+        return response
+    out = render.initiate_out(job)
+    return json_response(out, 202, {**accepted_headers(out, replayed), **applied})
+
+
+@routes.post("/v1/download/start")
+async def start(request: web.Request) -> web.Response:
+    """The original synchronous endpoint, made safe behind proxies (DESIGN.md §3).
+
+    Local callers wait (up to SYNC_WAIT_MAX_S) and get the original answer; everyone
+    else gets 202 and a URL to poll, unless they ask to wait with ``Prefer: wait=N``.
+    """
+    body = StartRequest.model_validate_json(await read_json(request))
+    settings = request.app[keys.SETTINGS]
+    prefs = parse_prefer(request.headers.getall("Prefer", []))
+    local = policy.is_local_caller(request, settings.sync_origins)
+    job, replayed = await submit_download(request, InitiateRequest(file_id=body.file_id))
+    wait_s = (
+        prefs.wait_s if prefs.wait_s is not None else (settings.sync_wait_max_s if local else 0)
+    )
+    job, applied = await wait_if_preferred(request, job, wait_s, prefs)
+    headers = {hdrs.VARY: "Prefer", **applied}
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+        return json_response(await start_out(request, body.file_id, job), headers=headers)
+    initiated = render.initiate_out(job)
+    out = StartAcceptedOut(
+        **initiated.model_dump(),
+        file_id=body.file_id,
+        pollingEndpoint=initiated.statusUrl,
+        message="Preparing the download; poll pollingEndpoint until it is completed",
+    )
+    return json_response(out, 202, {**accepted_headers(out, replayed), **headers})
+
+
+async def start_out(request: web.Request, file_id: int, job: Job) -> StartOut:
+    """A finished job in the original service's shape, with an absolute download URL."""
+    signed = await render.sign_result(request, job)
+    finished_at = job.finished_at or job.updated_at
+    processing_ms = int(max(0.0, finished_at - job.created_at) * 1000)
+    if signed is None or job.result is None:
+        error = job.error or {}
+        return StartOut(
+            file_id=file_id,
+            status="failed",
+            downloadUrl=None,
+            size=None,
+            processingTimeMs=processing_ms,
+            message=str(error.get("message", f"The download {job.status.value}")),
+        )
+    url = signed.url
+    if url.startswith("/"):
+        url = str(request.url.origin().join(URL(url, encoded=True)))
+    return StartOut(
+        file_id=file_id,
+        status="completed",
+        downloadUrl=url,
+        size=job.result["size_bytes"],
+        processingTimeMs=processing_ms,
+        message="Download ready",
+    )
 
 
 def _wait_s(request: web.Request) -> float:
