@@ -213,6 +213,26 @@ def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert "Traceback" not in result.stderr
 
 
+async def test_api_key_is_sent_and_a_missing_one_is_explained(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """With API_KEYS set, --api-key gets the file; without it the server's reason shows."""
+    served = await start_served(aiohttp_server, tmp_path / "data", api_keys=["alice:s3cret"])
+
+    refused = await longdl_async(served.url, "get", "70000", "-o", "a.zip", cwd=tmp_path)
+    allowed = await longdl_async(
+        served.url, "get", "70000", "-o", "a.zip", "--api-key", "s3cret", cwd=tmp_path
+    )
+
+    assert 1 == refused[0]
+    assert (
+        "longdl: server refused (HTTP 401): Send your API key as Authorization: Bearer <key>\n"
+        == refused[2]
+    )
+    assert 0 == allowed[0], allowed[2]
+    assert demo_content(70000) == (tmp_path / "a.zip").read_bytes()
+
+
 # --- jobs ------------------------------------------------------------------------------
 
 
