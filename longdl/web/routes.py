@@ -13,6 +13,7 @@ import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import hdrs, web
 from yarl import URL
@@ -221,27 +222,67 @@ def request_hash(body: InitiateRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
-    """Queue a download job for the caller; returns the job and whether it was replayed."""
-    await webhooks.check_target(body.callbackUrl, request.app[keys.SETTINGS])
-    idempotency_key = request.headers.get("Idempotency-Key") or body.clientRequestId
+async def submit_job(
+    request: web.Request,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    client_request_id: str | None = None,
+    request_hash: str = "",
+    priority: Priority = Priority.NORMAL,
+    user_id: str | None = None,
+    callback_url: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a job of any registered kind for the caller, as initiate does.
+
+    The caller's scope, limits, idempotency (``Idempotency-Key`` header, else
+    ``client_request_id``) and webhook rules apply. Returns the job and whether an
+    idempotency key replayed it. Applications adding their own job kinds call this from
+    their route and answer with :func:`accepted`.
+
+    Args:
+        request_hash: what identifies the request for idempotency (same key with a
+            different hash is a 422); hash the validated body.
+    """
+    await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
+    idempotency_key = request.headers.get("Idempotency-Key") or client_request_id
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPProblem(
             400, "Idempotency-Key must be 1 to 200 characters", code="VALIDATION_ERROR"
         )
     inserted = await request.app[keys.ENGINE].submit(
-        "download",
-        {"file_ids": body.unique_file_ids(), "strict": body.strict},
+        kind,
+        payload,
         owner=caller_of(request),
         client=request[keys.CLIENT],
-        priority=Priority.from_name(body.priority),
-        user_id=body.userId,
-        client_request_id=body.clientRequestId,
-        callback_url=str(body.callbackUrl) if body.callbackUrl else None,
+        priority=priority,
+        user_id=user_id,
+        client_request_id=client_request_id,
+        callback_url=callback_url,
         idempotency_key=idempotency_key,
-        request_hash=request_hash(body),
+        request_hash=request_hash,
     )
     return inserted.job, inserted.replayed
+
+
+async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
+    """Queue a download job for the caller; returns the job and whether it was replayed."""
+    return await submit_job(
+        request,
+        "download",
+        {"file_ids": body.unique_file_ids(), "strict": body.strict},
+        client_request_id=body.clientRequestId,
+        request_hash=request_hash(body),
+        priority=Priority.from_name(body.priority),
+        user_id=body.userId,
+        callback_url=str(body.callbackUrl) if body.callbackUrl else None,
+    )
+
+
+def accepted(job: Job, replayed: bool = False) -> web.Response:
+    """The 202 initiate answers: the job's URLs, Location and Retry-After."""
+    out = render.initiate_out(job)
+    return json_response(out, 202, accepted_headers(out, replayed))
 
 
 def accepted_headers(out: InitiateOut, replayed: bool) -> dict[str, str]:
@@ -298,8 +339,9 @@ async def initiate(request: web.Request) -> web.Response:
         response = await job_response(request, job)
         response.headers.update({hdrs.VARY: "Prefer", **applied})
         return response
-    out = render.initiate_out(job)
-    return json_response(out, 202, {**accepted_headers(out, replayed), **applied})
+    response = accepted(job, replayed)
+    response.headers.update(applied)
+    return response
 
 
 @routes.post("/v1/download/start")
