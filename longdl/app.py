@@ -42,6 +42,7 @@ def create_app(
             metrics.observe,
             policy.cors,
             problems.problems,
+            policy.deadline,
             policy.auth,
             policy.rate_limit,
         ],
