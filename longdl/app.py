@@ -13,7 +13,7 @@ from longdl import storage as storage_backends
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import files, keys, problems, routes
+from longdl.web import events, files, keys, problems, routes
 
 log = logging.getLogger("longdl")
 
@@ -70,4 +70,5 @@ def create_app(
     app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
+    events.setup(app)
     return app
