@@ -13,7 +13,7 @@ from longdl import storage as storage_backends
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import events, files, keys, problems, routes
+from longdl.web import events, files, keys, problems, routes, ui
 
 log = logging.getLogger("longdl")
 
@@ -71,4 +71,5 @@ def create_app(
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
     events.setup(app)
+    app.router.add_routes(ui.routes)
     return app
