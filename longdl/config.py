@@ -166,6 +166,11 @@ class Settings(BaseSettings):
     #: Deliveries in flight at once.
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
 
+    #: Longest quiet gap in an event stream before a heartbeat comment (proxies drop idle streams).
+    sse_heartbeat_s: float = Field(default=15.0, gt=0, le=15)
+    #: Lifetime of one event stream; the client reconnects with Last-Event-ID (under proxy limits).
+    sse_max_s: float = Field(default=50.0, gt=0)
+
     _split = field_validator(
         "sync_origins",
         "trusted_proxies",

@@ -70,6 +70,7 @@ async def test_service_routes_stay_open_with_api_keys(make_client: AppFactory) -
         ("GET", "/v1/download/{id}?redirect=false"),
         ("POST", "/v1/download/cancel/{id}"),
         ("DELETE", "/v1/download/{id}"),
+        ("GET", "/v1/download/{id}/events"),
     ],
 )
 async def test_another_keys_job_is_404(make_client: AppFactory, method: str, path: str) -> None:

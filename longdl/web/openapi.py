@@ -174,12 +174,12 @@ def _parameter(param: Param) -> dict[str, Any]:
 
 def operation_id(method: str, path: str) -> str:
     """``get_v1_download_status_job_id`` for ``GET /v1/download/status/{job_id}``."""
+    if path == "/":
+        return f"{method}_root"
     words = path.replace("{", "").replace("}", "").replace(".", "_").strip("/").split("/")
-    return (
-        "_".join([method, *(w.replace("-", "_") for w in words if w)])
-        if path != "/"
-        else method + "_root"
-    )
+    if path.endswith("/"):
+        words.append("index")
+    return "_".join([method, *(word.replace("-", "_") for word in words if word)])
 
 
 def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[str, Any]:
