@@ -403,3 +403,24 @@ async def test_keyboard_alone_starts_and_cancels_and_changes_are_announced(
     await expect(page.locator("[aria-live=polite]")).to_have_text("File 70000 was canceled.")
     await expect(job_card.get_by_role("button", name="Retry")).to_be_focused()
     service.gate.open()
+
+
+async def test_docs_render_offline_under_their_csp(browser: Browser, service: Service) -> None:
+    """/docs shows every operation, asks nothing of the network but the app, and no script
+    error or CSP violation occurs."""
+    context = await browser.new_context(viewport={"width": 1200, "height": 900})
+    page = await context.new_page()
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    try:
+        await page.goto(f"{service.origin}/docs")
+        for path in ("/v1/download/initiate", "/v1/download/status/{job_id}", "/health"):
+            await expect(page.get_by_text(path, exact=True).first).to_be_visible()
+        await screenshot(page, "docs")
+    finally:
+        await context.close()
+    assert [] == [url for url in requests if not url.startswith(service.origin)]
+    assert [] == errors

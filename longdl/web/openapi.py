@@ -242,6 +242,12 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
                 "the result through a short-lived signed URL."
             ),
         },
+        "tags": [
+            {"name": "downloads", "description": "Start, follow, fetch and cancel jobs"},
+            {"name": "ui", "description": "The web download manager"},
+            {"name": "files", "description": "Signed downloads from local storage"},
+            {"name": "service", "description": "Health, metrics and these documents"},
+        ],
         "paths": dict(sorted(operations.items())),
         "components": {
             "schemas": schemas.get("$defs", {}),
