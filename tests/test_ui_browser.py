@@ -424,3 +424,37 @@ async def test_docs_render_offline_under_their_csp(browser: Browser, service: Se
         await context.close()
     assert [] == [url for url in requests if not url.startswith(service.origin)]
     assert [] == errors
+
+
+async def test_api_key_is_asked_for_then_used_for_everything(
+    start_service: Callable[..., Awaitable[Service]],
+    open_tab: Callable[[Service], Awaitable[Tab]],
+) -> None:
+    """With API_KEYS set, a 401 brings up the key form; with the key saved the page
+    starts, follows (across a reload) and downloads a job, and the key is in no URL."""
+    service = await start_service(api_keys=["ui:key-4f2a9"])
+    service.gate.close()
+    tab = await open_tab(service)
+    page = tab.page
+    await page.get_by_label("File ids").fill("70000 70007")
+    await page.get_by_role("button", name="Start").click()
+    await expect(page.get_by_role("heading", name="API key needed")).to_be_visible()
+    await screenshot(page, "api-key")
+    assert 0 == await cards(page).count()
+
+    await page.get_by_role("textbox", name="API key").fill("key-4f2a9")
+    await page.get_by_role("button", name="Save key").click()
+    await expect(page.locator("#key-panel")).to_be_hidden()
+    job_id = await start_job(page, "70000 70007")
+    await expect(card(page, job_id).locator(".message")).to_have_text("Waiting for upstream")
+    await page.reload()
+    service.gate.open()
+    download = card(page, job_id).get_by_role("link", name="Download")
+    await expect(download).to_be_visible()
+    async with page.expect_download() as info:
+        await download.click()
+    path = await (await info.value).path()
+    members = zip_members(await asyncio.to_thread(Path(path).read_bytes))
+
+    assert {"70000.zip": demo_content(70000), "70007.zip": demo_content(70007)} == members
+    assert [] == [url for url in tab.requests if "key-4f2a9" in url]

@@ -3,6 +3,7 @@
 import * as longdl from "./longdl-client.js";
 
 const STORAGE_KEY = "longdl.jobs.v1";
+const API_KEY_STORAGE = "longdl.apiKey.v1";
 const MAX_SAVED_JOBS = 50;
 const TITLE_IDS = 4;
 
@@ -15,6 +16,12 @@ const empty = document.getElementById("empty");
 const clearFinished = document.getElementById("clear-finished");
 const announcer = document.getElementById("announcer");
 const template = document.getElementById("job-template");
+const keyPanel = document.getElementById("key-panel");
+const keyForm = document.getElementById("key-form");
+const keyInput = document.getElementById("api-key");
+const keyError = document.getElementById("api-key-error");
+const forgetKeyItem = document.getElementById("forget-key-item");
+const forgetKey = document.getElementById("forget-key");
 
 /** jobId -> {jobId, fileIds, job, receivedAt, connection, error, stop, el, parts} */
 const entries = new Map();
@@ -41,6 +48,47 @@ function save() {
   } catch {
     // Private mode or a full quota: the page still works, it just will not remember.
   }
+}
+
+// --- API key -------------------------------------------------------------------------
+// A service with API_KEYS answers 401 until the page sends a key. The key lives in this
+// browser's localStorage and goes out only as an Authorization header (never in a URL).
+
+function storedKey() {
+  try {
+    return localStorage.getItem(API_KEY_STORAGE) ?? "";
+  } catch {
+    return "";
+  }
+}
+
+let apiKey = storedKey();
+
+/** Options every call to the service takes: the key, when there is one. */
+function auth() {
+  return apiKey ? { token: apiKey } : {};
+}
+
+function isUnauthorized(error) {
+  return error?.status === 401;
+}
+
+function askForKey(message) {
+  keyPanel.hidden = false;
+  keyError.textContent = apiKey ? `The saved key was refused: ${message}` : "";
+  keyInput.setAttribute("aria-invalid", apiKey ? "true" : "false");
+  document.getElementById("key-heading").focus();
+}
+
+function setKey(value) {
+  apiKey = value;
+  try {
+    if (value) localStorage.setItem(API_KEY_STORAGE, value);
+    else localStorage.removeItem(API_KEY_STORAGE);
+  } catch {
+    // Private mode: the key lasts as long as the page.
+  }
+  forgetKeyItem.hidden = !value;
 }
 
 // --- formatting ----------------------------------------------------------------------
@@ -118,6 +166,7 @@ function createCard(entry) {
   parts.cancel.setAttribute("aria-label", `Cancel ${titleOf(entry.fileIds)}`);
   parts.retry.setAttribute("aria-label", `Retry ${titleOf(entry.fileIds)}`);
   parts.remove.setAttribute("aria-label", `Remove ${titleOf(entry.fileIds)} from the list`);
+  parts.download.addEventListener("click", (event) => downloadWithKey(event, entry));
   parts.cancel.addEventListener("click", () => cancelJob(entry));
   parts.retry.addEventListener("click", () => retryJob(entry));
   parts.remove.addEventListener("click", () => removeEntry(entry, { focus: true }));
@@ -142,8 +191,10 @@ function render(entry) {
     return;
   }
   if (!job) {
-    parts.badge.textContent = "Connecting";
-    parts.message.textContent = "Fetching the job's state…";
+    parts.badge.textContent = entry.awaitingKey ? "Locked" : "Connecting";
+    parts.message.textContent = entry.awaitingKey
+      ? "Waiting for an API key to show this download."
+      : "Fetching the job's state…";
     parts.bar.removeAttribute("value");
     renderConnection(entry);
     return;
@@ -239,8 +290,14 @@ function addEntry(jobId, fileIds, { initial = null, restored = false } = {}) {
   render(entry);
   refreshListChrome();
   save();
-  entry.stop = longdl.watch(initial ?? jobId, (update) => onUpdate(entry, update));
+  watchEntry(entry, initial ?? jobId);
   return entry;
+}
+
+function watchEntry(entry, job) {
+  entry.stop?.();
+  entry.awaitingKey = false;
+  entry.stop = longdl.watch(job, (update) => onUpdate(entry, update), auth());
 }
 
 function onUpdate(entry, update) {
@@ -252,7 +309,12 @@ function onUpdate(entry, update) {
   }
   entry.connection = update.connection;
   entry.retryInMs = update.retryInMs;
-  if (update.error && update.connection === "closed") {
+  if (isUnauthorized(update.error)) {
+    // Not gone: it will be watched again once a key is saved.
+    entry.awaitingKey = true;
+    entry.connection = "closed";
+    askForKey(update.error.message);
+  } else if (update.error && update.connection === "closed") {
     // The service refused to say more about this job: usually it expired and was purged.
     entry.gone = true;
     entry.goneReason =
@@ -279,6 +341,27 @@ function removeEntry(entry, { focus = false } = {}) {
   if (focus) document.getElementById("jobs-heading").focus();
 }
 
+/** With a key, the result route needs a header a plain link cannot send: fetch a
+ * freshly signed URL first, then follow it (it carries its own signature). */
+async function downloadWithKey(event, entry) {
+  if (!apiKey) return;
+  event.preventDefault();
+  entry.actionError = null;
+  try {
+    const link = await longdl.resultLink(entry.jobId, auth());
+    const anchor = document.createElement("a");
+    anchor.href = link.url;
+    anchor.download = link.filename ?? "";
+    document.body.append(anchor);
+    anchor.click();
+    anchor.remove();
+  } catch (error) {
+    if (isUnauthorized(error)) askForKey(error.message);
+    entry.actionError = `Could not download: ${error.message}`;
+    render(entry);
+  }
+}
+
 async function cancelJob(entry) {
   const button = entry.parts.cancel;
   const hadFocus = document.activeElement === button;
@@ -286,11 +369,12 @@ async function cancelJob(entry) {
   button.textContent = "Canceling…";
   entry.actionError = null;
   try {
-    const job = await longdl.cancel(entry.jobId);
+    const job = await longdl.cancel(entry.jobId, auth());
     onUpdate(entry, { job, connection: entry.connection });
     // The Cancel button just disappeared; keep keyboard users on the card.
     if (hadFocus) (entry.parts.retry.hidden ? entry.parts.title : entry.parts.retry).focus();
   } catch (error) {
+    if (isUnauthorized(error)) askForKey(error.message);
     entry.actionError = `Could not cancel: ${error.message}`;
     render(entry);
   } finally {
@@ -305,12 +389,13 @@ async function retryJob(entry) {
   button.textContent = "Starting…";
   entry.actionError = null;
   try {
-    const started = await longdl.initiate(entry.fileIds);
+    const started = await longdl.initiate(entry.fileIds, auth());
     removeEntry(entry);
     const next = addEntry(started.jobId, entry.fileIds, { initial: started });
     next.parts.title.focus();
     announce(`${titleOf(entry.fileIds)}: started again.`);
   } catch (error) {
+    if (isUnauthorized(error)) askForKey(error.message);
     entry.actionError = `Could not start again: ${error.message}`;
     render(entry);
     button.disabled = false;
@@ -338,6 +423,7 @@ form.addEventListener("submit", async (event) => {
   startButton.textContent = "Starting…";
   try {
     const started = await longdl.initiate(ids, {
+      ...auth(),
       onRetry: (error, delayMs) =>
         showFormError(`${error.message} Trying again in ${formatDuration(delayMs / 1000)}…`),
     });
@@ -346,8 +432,13 @@ form.addEventListener("submit", async (event) => {
     addEntry(started.jobId, ids, { initial: started });
     announce(`Started ${titleOf(ids)}.`);
   } catch (error) {
-    showFormError(error.message);
-    input.focus();
+    if (isUnauthorized(error)) {
+      showFormError("This service needs an API key: save it above, then press Start again.");
+      askForKey(error.message);
+    } else {
+      showFormError(error.message);
+      input.focus();
+    }
   } finally {
     startButton.disabled = false;
     startButton.textContent = "Start";
@@ -356,6 +447,32 @@ form.addEventListener("submit", async (event) => {
 
 input.addEventListener("input", () => {
   if (formError.textContent) showFormError("");
+});
+
+keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const value = keyInput.value.trim();
+  if (!value) {
+    keyError.textContent = "Enter the API key you were given.";
+    keyInput.setAttribute("aria-invalid", "true");
+    keyInput.focus();
+    return;
+  }
+  setKey(value);
+  keyInput.value = "";
+  keyError.textContent = "";
+  keyPanel.hidden = true;
+  for (const entry of entries.values()) {
+    if (entry.awaitingKey) watchEntry(entry, entry.jobId);
+  }
+  if (formError.textContent) showFormError("");
+  input.focus();
+  announce("API key saved.");
+});
+
+forgetKey.addEventListener("click", () => {
+  setKey("");
+  announce("API key forgotten.");
 });
 
 clearFinished.addEventListener("click", () => {
@@ -376,5 +493,6 @@ setInterval(() => {
 for (const { jobId, fileIds } of loadSaved().reverse()) {
   addEntry(jobId, Array.isArray(fileIds) ? fileIds : [], { restored: true });
 }
+forgetKeyItem.hidden = !apiKey;
 refreshListChrome();
 document.documentElement.dataset.ready = "true";

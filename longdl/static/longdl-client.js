@@ -130,6 +130,16 @@ export function resultUrl(job, { baseUrl } = {}) {
   return absolute(job.resultUrl ?? job.links?.result ?? `/v1/download/${jobIdOf(job)}`, baseUrl);
 }
 
+/**
+ * A freshly signed URL of a completed job's file, for callers that cannot follow the
+ * result route as a plain link (it needs `Authorization` when the service has API keys).
+ * @returns {Promise<{url: string, expiresAt: string, filename: string, size: number}>}
+ */
+export async function resultLink(job, opts = {}) {
+  const { data } = await request("GET", withQuery(resultUrl(job, opts), "redirect", "false"), opts);
+  return data;
+}
+
 function retryAfterMs(response) {
   const value = response.headers.get("Retry-After");
   if (!value) return null;
