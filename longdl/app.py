@@ -81,7 +81,14 @@ def create_app(
         yield
         await engine.stop()
 
+    async def drain(app: web.Application) -> None:
+        # on_shutdown runs as soon as the server stops listening, before aiohttp waits
+        # for open requests: waiters answer now and new jobs get 503.
+        if keys.ENGINE in app:
+            app[keys.ENGINE].drain()
+
     app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
+    app.on_shutdown.append(drain)
     app.cleanup_ctx.append(webhooks.worker_ctx)
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)

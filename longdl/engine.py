@@ -147,6 +147,13 @@ class ChangeHub:
             self._events[job_id] = event
         return event
 
+    def wake_all(self) -> None:
+        """Wake everyone waiting for a change (the service is shutting down)."""
+        events = list(self._events.values())
+        self._events.clear()
+        for event in events:
+            event.set()
+
     def is_watched(self, job_id: str) -> bool:
         """Whether someone is waiting for this job's next change right now."""
         return job_id in self._events
@@ -211,6 +218,14 @@ class Engine:
             asyncio.create_task(self._flush_loop(), name="longdl progress flusher"),
             asyncio.create_task(self._sweep_loop(), name="longdl ttl sweeper"),
         ]
+
+    def drain(self) -> None:
+        """Begin shutting down: refuse new jobs (503), stop claiming queued ones, and wake
+        every long-poll and synchronous wait so it answers now instead of holding the
+        shutdown up. Running jobs go on until :meth:`stop`."""
+        self._stopping = True
+        self._wakeup.set()
+        self.hub.wake_all()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming, give running jobs ``grace_s`` to finish, re-queue the rest."""
@@ -361,7 +376,7 @@ class Engine:
             event = self.hub.event(job_id)
             job = await self.get(job_id)
             remaining = deadline - time.monotonic()
-            if job is None or job.status.finished or remaining <= 0:
+            if job is None or job.status.finished or remaining <= 0 or self._stopping:
                 return job
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):

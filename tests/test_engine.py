@@ -9,9 +9,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppFactory, finished, initiate, wait_for
+from conftest import AppFactory, finished, initiate, test_settings, wait_for
 
+from longdl import exceptions
+from longdl.app import create_app
 from longdl.engine import Artifact, JobContext
 from longdl.models import Job, JobStatus, Priority
 from longdl.storage import LocalStorage
@@ -334,3 +338,36 @@ async def test_final_notification_comes_after_memory_is_cleared(
     assert job is not None
     assert JobStatus.COMPLETED == job.status
     assert [0] == running_at_final
+
+
+async def test_shutdown_answers_waiting_long_polls_at_once(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A long-poll on an idle job gets its 304 as soon as shutdown begins, rather than
+    holding the shutdown up until it is cut off."""
+    gate = Gate()
+    app = create_app(
+        test_settings(tmp_path / "data", worker_concurrency=1), handlers={"gate": gate.handler}
+    )
+    server = await aiohttp_server(app)
+    engine = app[keys.ENGINE]
+    await engine.submit("gate", {})
+    await gate.wait_started(1)
+    idle = (await engine.submit("gate", {})).job.id  # queued behind the busy slot
+    url = f"http://127.0.0.1:{server.port}/v1/download/status/{idle}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as first:
+            tag = first.headers["ETag"]
+        poll = asyncio.create_task(session.get(f"{url}?wait=25", headers={"If-None-Match": tag}))
+
+        async def waiting() -> bool:
+            return engine.hub.is_watched(idle)
+
+        await wait_for(waiting)
+        shutdown = asyncio.create_task(server.close())
+        response = await asyncio.wait_for(poll, 10)
+        assert 304 == response.status
+        response.release()
+        await shutdown
+    with pytest.raises(exceptions.Overloaded, match="shutting down"):
+        await engine.submit("gate", {})

@@ -470,7 +470,7 @@ async def status(request: web.Request) -> web.StreamResponse:
     job = await visible_job(request)
     tag = render.etag(job)
     client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
-    if wait_s > 0 and not job.status.finished and client_tag in (None, tag):
+    if wait_s > 0 and not job.status.finished and not engine.stopping and client_tag in (None, tag):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await changed.wait()
