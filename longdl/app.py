@@ -14,7 +14,7 @@ from longdl import webhooks
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import files, keys, metrics, openapi, policy, problems, routes
+from longdl.web import events, files, keys, metrics, openapi, policy, problems, routes, ui
 
 log = logging.getLogger("longdl")
 
@@ -42,6 +42,7 @@ def create_app(
             metrics.observe,
             policy.cors,
             problems.problems,
+            policy.deadline,
             policy.auth,
             policy.rate_limit,
         ],
@@ -84,5 +85,7 @@ def create_app(
     app.cleanup_ctx.append(webhooks.worker_ctx)
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
+    events.setup(app)
+    app.router.add_routes(ui.routes)
     openapi.install(app)
     return app

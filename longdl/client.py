@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -50,7 +49,7 @@ import aiohttp
 import pydantic
 from yarl import URL
 
-from longdl import exceptions, models
+from longdl import exceptions, models, retry
 
 log = logging.getLogger("longdl.client")
 
@@ -188,16 +187,6 @@ class IntegrityError(ClientError):
 
 
 # --- pure helpers ----------------------------------------------------------------------
-
-
-def backoff_s(
-    attempt: int,
-    base_s: float = BACKOFF_BASE_S,
-    max_s: float = BACKOFF_MAX_S,
-    rng: Callable[[], float] = random.random,
-) -> float:
-    """Delay before retry number ``attempt`` (0-based): exponential with full jitter."""
-    return rng() * min(max_s, base_s * 2.0**attempt)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -474,7 +463,7 @@ class LongdlClient:
         return headers
 
     async def _pause(self, attempt: int) -> None:
-        await asyncio.sleep(backoff_s(attempt, self.backoff_base_s))
+        await asyncio.sleep(retry.backoff_s(attempt + 1, self.backoff_base_s, BACKOFF_MAX_S))
 
     async def _send(
         self,
@@ -506,7 +495,7 @@ class LongdlClient:
             if answer.status in RETRY_STATUSES and attempt < self.retries:
                 delay_s = parse_retry_after(answer.headers.get("Retry-After"))
                 if delay_s is None:
-                    delay_s = backoff_s(attempt, self.backoff_base_s)
+                    delay_s = retry.backoff_s(attempt + 1, self.backoff_base_s, BACKOFF_MAX_S)
                 if delay_s <= MAX_RETRY_AFTER_S:
                     await asyncio.sleep(delay_s)
                     continue

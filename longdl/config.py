@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -125,7 +125,8 @@ class Settings(BaseSettings):
     sync_wait_max_s: float = Field(default=25.0, ge=0)
     #: Origin hosts allowed the synchronous mode.
     sync_origins: CsvList = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
-    #: Request timeout of the original service, kept for compatibility (ms).
+    #: Longest a non-streaming request may take before a 504 problem (ms; 0: no limit).
+    #: The original service's name; long-polls and synchronous waits must stay under it.
     request_timeout_ms: int = Field(default=30_000, ge=0)
 
     #: Largest accepted request body.
@@ -165,6 +166,11 @@ class Settings(BaseSettings):
     #: Deliveries in flight at once.
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
 
+    #: Longest quiet gap in an event stream before a heartbeat comment (proxies drop idle streams).
+    sse_heartbeat_s: float = Field(default=15.0, gt=0, le=15)
+    #: Lifetime of one event stream; the client reconnects with Last-Event-ID (under proxy limits).
+    sse_max_s: float = Field(default=50.0, gt=0)
+
     _split = field_validator(
         "sync_origins",
         "trusted_proxies",
@@ -185,6 +191,18 @@ class Settings(BaseSettings):
     def _valid_api_keys(cls, value: list[str]) -> list[str]:
         parse_api_keys(value)
         return value
+
+    @model_validator(mode="after")
+    def _waits_fit_the_request_timeout(self) -> Settings:
+        limit_s = self.request_timeout_ms / 1000
+        if limit_s:
+            for name in ("long_poll_max_s", "sync_wait_max_s"):
+                if getattr(self, name) >= limit_s:
+                    raise ValueError(
+                        f"{name.upper()} must be below REQUEST_TIMEOUT_MS ({limit_s:g} s), "
+                        "or waiting requests would be cut off"
+                    )
+        return self
 
     @property
     def database_path(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -69,6 +70,7 @@ async def test_service_routes_stay_open_with_api_keys(make_client: AppFactory) -
         ("GET", "/v1/download/{id}?redirect=false"),
         ("POST", "/v1/download/cancel/{id}"),
         ("DELETE", "/v1/download/{id}"),
+        ("GET", "/v1/download/{id}/events"),
     ],
 )
 async def test_another_keys_job_is_404(make_client: AppFactory, method: str, path: str) -> None:
@@ -352,3 +354,38 @@ def test_bad_settings_are_refused_at_start() -> None:
         Settings(api_keys=["no-colon"])
     with pytest.raises(ValidationError):
         Settings(trusted_proxies=["not-an-ip"])
+
+
+class HangingStorage(LocalStorage):
+    """A real local storage whose head() never answers (a wedged dependency)."""
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        await asyncio.Event().wait()
+        return None
+
+
+async def test_a_wedged_request_is_cut_at_request_timeout(
+    make_client: AppFactory, tmp_path: Any
+) -> None:
+    """A handler stuck on storage answers 504 at REQUEST_TIMEOUT_MS, not never."""
+    client = await make_client(
+        storage=HangingStorage(tmp_path / "s", b"k" * 32),
+        seed_ids=(),
+        request_timeout_ms=300,
+        long_poll_max_s=0.1,
+        sync_wait_max_s=0.1,
+    )
+    response = await client.post("/v1/download/check", json={"file_id": 70000})
+    assert 504 == response.status
+    assert "REQUEST_TIMEOUT" == (await response.json())["code"]
+
+
+def test_waits_must_fit_under_the_request_timeout() -> None:
+    """A long-poll cap at or above REQUEST_TIMEOUT_MS is refused at start-up."""
+    from pydantic import ValidationError
+
+    from longdl.config import Settings
+
+    with pytest.raises(ValidationError, match="LONG_POLL_MAX_S"):
+        Settings(request_timeout_ms=20_000, long_poll_max_s=25)
+    assert 0 == Settings(request_timeout_ms=0, long_poll_max_s=100).request_timeout_ms

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import require_tool, test_settings, wait_for
 from proxy import Nginx
 
 from longdl.app import create_app
+from longdl.client import SseParser
+from longdl.engine import Artifact, Handler, JobContext
 from longdl.seed import demo_content, seed
 from longdl.web import keys
 
@@ -24,23 +28,39 @@ JOB_DELAY_MS = 3500
 
 
 @pytest.fixture
-async def behind_nginx(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[str]:
-    """A longdl app whose jobs take 3.5 s, reached through nginx; yields nginx's URL."""
+async def make_proxied(
+    aiohttp_server: Any, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[tuple[str, web.Application]]]]:
+    """Start a longdl app behind nginx; returns nginx's URL and the app."""
     nginx_binary = require_tool("nginx")
-    settings = test_settings(
-        tmp_path / "data",
+    proxies: list[Nginx] = []
+
+    async def make(
+        handlers: dict[str, Handler] | None = None, **overrides: Any
+    ) -> tuple[str, web.Application]:
+        app = create_app(test_settings(tmp_path / "data", **overrides), handlers=handlers)
+        server = await aiohttp_server(app)
+        await seed(app[keys.STORAGE], (70000, 70007))
+        proxy = Nginx(nginx_binary, tmp_path / "nginx", server.port, PROXY_TIMEOUT_S)
+        proxy.start()
+        proxies.append(proxy)
+        return proxy.url, app
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+async def behind_nginx(make_proxied: Callable[..., Awaitable[tuple[str, Any]]]) -> str:
+    """A longdl app whose jobs take 3.5 s, reached through nginx; yields nginx's URL."""
+    url, _ = await make_proxied(
         download_delay_enabled=True,
         download_delay_min_ms=JOB_DELAY_MS,
         download_delay_max_ms=JOB_DELAY_MS,
         long_poll_max_s=1,
     )
-    app = create_app(settings)
-    server = await aiohttp_server(app)
-    await seed(app[keys.STORAGE], (70000, 70007))
-    proxy = Nginx(nginx_binary, tmp_path / "nginx", server.port, PROXY_TIMEOUT_S)
-    proxy.start()
-    yield proxy.url
-    proxy.stop()
+    return url
 
 
 async def test_a_held_request_gets_504_through_the_proxy(behind_nginx: str) -> None:
@@ -105,3 +125,49 @@ async def test_bundle_through_the_proxy_is_byte_identical(behind_nginx: str) -> 
             data = await download.read()
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert demo_content(70007) == archive.read("70007.zip")
+
+
+class Stepper:
+    """A job kind that moves only when the test says so, then finishes."""
+
+    def __init__(self) -> None:
+        self.step = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def handler(self, ctx: JobContext) -> Artifact:
+        await self.step.wait()
+        ctx.report(percent=50, message="Half way")
+        await self.finish.wait()
+        info = await ctx.storage.write_bytes(f"bundles/{ctx.job_id}.txt", b"ok")
+        return Artifact(key=info.key, filename="ok.txt", size_bytes=info.size_bytes)
+
+
+async def test_events_pass_the_proxy_one_by_one_and_outlive_its_timeout(
+    make_proxied: Callable[..., Awaitable[tuple[str, web.Application]]],
+) -> None:
+    """Through nginx, each SSE event arrives as it happens (no buffering), and heartbeats
+    keep a stream idle for longer than the proxy's read timeout alive."""
+    stepper = Stepper()
+    url, app = await make_proxied(
+        handlers={"step": stepper.handler}, sse_heartbeat_s=0.5, sse_max_s=20
+    )
+    job = (await app[keys.ENGINE].submit("step", {})).job
+    parser = SseParser()
+    events: list[str] = []
+    pings = 0
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/v1/download/{job.id}/events") as response,
+    ):
+        assert 200 == response.status
+        started = time.monotonic()
+        async for chunk in response.content.iter_any():
+            pings += chunk.count(b": ping")
+            events.extend(event.event for event in parser.feed(chunk) if event.data)
+            idle_s = time.monotonic() - started
+            if events == ["snapshot"] and idle_s > PROXY_TIMEOUT_S + 1:
+                stepper.step.set()  # idle past the proxy timeout: still connected
+            elif events == ["snapshot", "progress"]:
+                stepper.finish.set()  # arrived while the job still runs: not buffered
+    assert ["snapshot", "progress", "status"] == events
+    assert pings >= 2 * PROXY_TIMEOUT_S

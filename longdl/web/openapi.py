@@ -174,12 +174,12 @@ def _parameter(param: Param) -> dict[str, Any]:
 
 def operation_id(method: str, path: str) -> str:
     """``get_v1_download_status_job_id`` for ``GET /v1/download/status/{job_id}``."""
+    if path == "/":
+        return f"{method}_root"
     words = path.replace("{", "").replace("}", "").replace(".", "_").strip("/").split("/")
-    return (
-        "_".join([method, *(w.replace("-", "_") for w in words if w)])
-        if path != "/"
-        else method + "_root"
-    )
+    if path.endswith("/"):
+        words.append("index")
+    return "_".join([method, *(word.replace("-", "_") for word in words if word)])
 
 
 def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[str, Any]:
@@ -242,6 +242,12 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
                 "the result through a short-lived signed URL."
             ),
         },
+        "tags": [
+            {"name": "downloads", "description": "Start, follow, fetch and cancel jobs"},
+            {"name": "ui", "description": "The web download manager"},
+            {"name": "files", "description": "Signed downloads from local storage"},
+            {"name": "service", "description": "Health, metrics and these documents"},
+        ],
         "paths": dict(sorted(operations.items())),
         "components": {
             "schemas": schemas.get("$defs", {}),

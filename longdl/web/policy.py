@@ -5,6 +5,7 @@ Middlewares, outermost first (app.py lists them in this order)::
     context      request id; the caller's address and identity
     cors         answers preflights; refuses nothing else
     problems     (longdl.web.problems) every error below becomes problem+json
+    deadline     REQUEST_TIMEOUT_MS for every request but streams (504)
     auth         Bearer keys on /v1 when API_KEYS is set
     rate_limit   per-caller windows on /v1, a larger one for polling routes
 
@@ -15,6 +16,7 @@ results, raised redirects, problems, files and event streams alike.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import math
@@ -46,6 +48,9 @@ POLL_ROUTES = frozenset(
         "/v1/download/{job_id}/events",
     }
 )
+
+#: Routes that stream for as long as they need: no request deadline applies.
+STREAM_ROUTES = frozenset({"/v1/download/{job_id}/events", "/files/{key}"})
 
 #: Response headers a browser script may read across origins.
 EXPOSED_HEADERS = (
@@ -279,6 +284,27 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
             },
         )
     return await handler(request)
+
+
+@web.middleware
+async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Cut any non-streaming request at REQUEST_TIMEOUT_MS with a 504 problem, so no
+    slow dependency can hold a connection until a proxy kills it."""
+    limit_s = request.app[keys.SETTINGS].request_timeout_ms / 1000
+    if not limit_s or _route(request) in STREAM_ROUTES:
+        return await handler(request)
+    timeout = asyncio.timeout(limit_s)
+    try:
+        async with timeout:
+            return await handler(request)
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise
+        raise HTTPProblem(
+            504,
+            f"The request took longer than REQUEST_TIMEOUT_MS ({limit_s:g} s)",
+            code="REQUEST_TIMEOUT",
+        ) from exc
 
 
 @web.middleware

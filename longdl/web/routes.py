@@ -607,15 +607,10 @@ async def result(request: web.Request) -> web.StreamResponse:
     return await job_response(request, job, 202)
 
 
-async def _cancel(request: web.Request) -> web.Response:
-    job = await visible_job(request)
-    canceled = await request.app[keys.ENGINE].cancel(job.id)
-    return await job_response(request, canceled)
-
-
 @routes.post("/v1/download/cancel/{job_id}")
+@routes.delete("/v1/download/{job_id}")
 @doc(
-    "Cancel a queued or running job",
+    "Cancel a queued or running job (POST .../cancel/{job_id} or DELETE .../{job_id})",
     tag="downloads",
     params=[JOB_ID],
     responses={
@@ -625,19 +620,6 @@ async def _cancel(request: web.Request) -> web.Response:
     },
 )
 async def cancel(request: web.Request) -> web.Response:
-    return await _cancel(request)
-
-
-@routes.delete("/v1/download/{job_id}")
-@doc(
-    "Cancel a queued or running job (as POST /v1/download/cancel/{job_id})",
-    tag="downloads",
-    params=[JOB_ID],
-    responses={
-        200: Resp("Canceled", JobOut),
-        404: NOT_FOUND,
-        409: problem("Already finished"),
-    },
-)
-async def delete(request: web.Request) -> web.Response:
-    return await _cancel(request)
+    job = await visible_job(request)
+    canceled = await request.app[keys.ENGINE].cancel(job.id)
+    return await job_response(request, canceled)
