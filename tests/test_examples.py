@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -523,51 +523,100 @@ def test_caddy_accepts_the_example_caddyfile(tmp_path: Path) -> None:
     assert 0 == result.returncode, result.stderr
 
 
-async def test_export_through_the_example_nginx_config(
-    aiohttp_server: Any, tmp_path: Path, orders_db: Path
-) -> None:
-    """Served through nginx with the example config, an export is started, followed and
-    downloaded whole."""
+@pytest.fixture
+def example_nginx(tmp_path: Path) -> Iterator[Callable[[int], str]]:
+    """Starts nginx with examples/proxies/nginx.conf in front of a port; returns its URL."""
     nginx = require_tool("nginx")
+    with contextlib.ExitStack() as stack:
+
+        def start(upstream_port: int) -> str:
+            port = free_port()
+            config = (EXAMPLES / "proxies" / "nginx.conf").read_text()
+            # Only what ties it to a host changes: where it listens, where longdl is, and
+            # temp folders a test may write.
+            config = swap(config, "listen 80;", f"listen 127.0.0.1:{port};")
+            config = swap(config, "server 127.0.0.1:3000;", f"server 127.0.0.1:{upstream_port};")
+            config = swap(
+                config,
+                "\nhttp {\n",
+                "\nhttp {\n client_body_temp_path tmp/body; proxy_temp_path tmp/proxy;"
+                " fastcgi_temp_path tmp/fastcgi; uwsgi_temp_path tmp/uwsgi;"
+                " scgi_temp_path tmp/scgi;\n",
+            )
+            prefix = tmp_path / "nginx"
+            (prefix / "tmp").mkdir(parents=True)
+            (prefix / "nginx.conf").write_text(config)
+            stack.enter_context(running_nginx(nginx, prefix, port))
+            return f"http://127.0.0.1:{port}"
+
+        yield start
+
+
+async def test_export_through_the_example_nginx_config(
+    aiohttp_server: Any, tmp_path: Path, orders_db: Path, example_nginx: Callable[[int], str]
+) -> None:
+    """Through nginx with the example config, an export is started, long-polled and
+    downloaded whole."""
     exporter = extraction.Exporter(orders_db, batch_rows=BATCH_ROWS)
-    app = extraction.build_app(
-        exporter, test_settings(tmp_path / "data", trusted_proxies=["127.0.0.1"])
-    )
-    server = await aiohttp_server(app)
-    port = free_port()
-    config = (EXAMPLES / "proxies" / "nginx.conf").read_text()
-    # Only what ties it to a real host changes: where it listens, where longdl is, and
-    # temp folders a test may write.
-    config = swap(config, "listen 80;", f"listen 127.0.0.1:{port};")
-    config = swap(config, "server 127.0.0.1:3000;", f"server 127.0.0.1:{server.port};")
-    config = swap(
-        config,
-        "\nhttp {\n",
-        "\nhttp {\n client_body_temp_path tmp/body; proxy_temp_path tmp/proxy;"
-        " fastcgi_temp_path tmp/fastcgi; uwsgi_temp_path tmp/uwsgi; scgi_temp_path tmp/scgi;\n",
-    )
-    prefix = tmp_path / "nginx"
-    (prefix / "tmp").mkdir(parents=True)
-    (prefix / "nginx.conf").write_text(config)
-    with running_nginx(nginx, prefix, port):
-        base = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession(base) as session:
-            async with session.post("/v1/exports", json={"table": "orders"}) as response:
-                assert 202 == response.status
-                status_url = (await response.json())["statusUrl"]
+    settings = test_settings(tmp_path / "data", trusted_proxies=["127.0.0.1"])
+    server = await aiohttp_server(extraction.build_app(exporter, settings))
+    async with aiohttp.ClientSession(example_nginx(server.port)) as session:
+        async with session.post("/v1/exports", json={"table": "orders"}) as response:
+            assert 202 == response.status
+            status_url = (await response.json())["statusUrl"]
 
-            async def completed() -> dict[str, Any] | None:
-                async with session.get(f"{status_url}?wait=5") as poll:
-                    job: dict[str, Any] = await poll.json()
-                    return job if job["status"] == "completed" else None
+        async def completed() -> dict[str, Any] | None:
+            async with session.get(f"{status_url}?wait=5") as poll:
+                job: dict[str, Any] = await poll.json()
+                return job if job["status"] == "completed" else None
 
-            job = await wait_for(completed)
-            async with session.get(job["links"]["result"]) as result:  # 302 to /files/
-                data = await result.read()
+        job = await wait_for(completed)
+        async with session.get(job["links"]["result"]) as result:  # 302 to /files/
+            data = await result.read()
     assert (job["result"]["sha256"], ORDERS + 1) == (
         hashlib.sha256(data).hexdigest(),
         len(parse_csv(data)),
     )
+
+
+async def next_event(stream: aiohttp.ClientResponse) -> tuple[str, dict[str, Any]]:
+    """The next Server-Sent Event carrying data: its name and its job resource."""
+    name, data = "message", ""
+    async with asyncio.timeout(10):
+        while True:
+            line = (await stream.content.readline()).decode().rstrip("\n")
+            if line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                data += line.removeprefix("data:").strip()
+            elif not line and data:
+                return name, json.loads(data)
+            elif not line and stream.content.at_eof():
+                raise AssertionError("the stream ended")
+
+
+async def test_events_arrive_live_through_the_example_nginx_config(
+    aiohttp_server: Any, tmp_path: Path, orders_db: Path, example_nginx: Callable[[int], str]
+) -> None:
+    """Through nginx with the example config, the event stream follows the job: a snapshot
+    while it runs, then its completion."""
+    storage = SteppedStorage(tmp_path / "storage")
+    exporter = extraction.Exporter(orders_db, batch_rows=BATCH_ROWS)
+    app = extraction.build_app(exporter, test_settings(tmp_path / "data"), storage=storage)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession(example_nginx(server.port)) as session:
+        async with session.post("/v1/exports", json={"table": "orders"}) as response:
+            events_url = (await response.json())["eventsUrl"]
+        async with session.get(events_url) as stream:
+            # The job cannot finish before the storage takes its chunks: this came live.
+            first = await next_event(stream)
+            for _ in range(ORDERS // BATCH_ROWS):
+                storage.allowed.release()
+            last = first
+            while last[1]["status"] != "completed":
+                last = await next_event(stream)
+    assert ("snapshot", "completed") == (first[0], last[1]["status"])
+    assert first[1]["status"] in ("queued", "running")
 
 
 def swap(text: str, old: str, new: str) -> str:
