@@ -27,11 +27,14 @@ run: seed
 	$(BIN)/longdl serve
 
 lint: install
-	$(BIN)/ruff check longdl tests
-	$(BIN)/ruff format --check longdl tests
+	$(BIN)/ruff check longdl tests examples
+	$(BIN)/ruff format --check longdl tests examples
 
+# longdl/, then each example folder on its own (both have an app.py).
 typecheck: install
 	$(BIN)/mypy
+	$(BIN)/mypy examples/extraction
+	$(BIN)/mypy examples/slow_upstream
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
