@@ -55,7 +55,8 @@ Listener = Callable[[Job], None]
 class JobContext:
     """What a handler gets: the job, storage, settings and progress reporting.
 
-    Cancellation arrives as ``asyncio.CancelledError``; clean up in ``finally``.
+    Cancellation arrives as ``asyncio.CancelledError``; clean up in ``finally``, and ask
+    :attr:`stop_reason` whether the job is gone for good or will run again.
     """
 
     def __init__(self, engine: Engine, running: _Running) -> None:
@@ -75,6 +76,14 @@ class JobContext:
     @property
     def payload(self) -> dict[str, Any]:
         return self._running.job.payload
+
+    @property
+    def stop_reason(self) -> Literal["cancel", "shutdown"] | None:
+        """Why the job is being stopped, for a handler's ``except CancelledError``:
+        ``"cancel"`` (the caller canceled it: clean up for good), ``"shutdown"`` (it will
+        be re-queued and run again: keep what a later attempt can resume), or None (the
+        time limit, or not stopping)."""
+        return self._running.stop_reason
 
     def report(
         self,

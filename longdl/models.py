@@ -231,6 +231,9 @@ class ResultOut(BaseModel):
     sha256: str | None = Field(description="Of the bundle; null for a single passed-through file.")
     files: list[int]
     missing: list[int]
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="What the job's handler reports about its result."
+    )
 
 
 class TimestampsOut(BaseModel):

@@ -371,3 +371,41 @@ async def test_shutdown_answers_waiting_long_polls_at_once(
         await shutdown
     with pytest.raises(exceptions.Overloaded, match="shutting down"):
         await engine.submit("gate", {})
+
+
+class Recorder:
+    """A job kind that runs until stopped and records why it was stopped."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.reasons: list[str | None] = []
+
+    async def handler(self, ctx: JobContext) -> Artifact:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.reasons.append(ctx.stop_reason)
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_handlers_learn_why_they_are_stopped(make_client: AppFactory, tmp_path: Path) -> None:
+    """stop_reason says cancel for a cancel, shutdown for a stop, None for the time limit."""
+    recorder = Recorder()
+    client = await make_client(handlers={"rec": recorder.handler}, data_dir=tmp_path / "a")
+    job_id = await submit(client, "rec")
+    await asyncio.wait_for(recorder.started.wait(), 10)
+    await client.post(f"/v1/download/cancel/{job_id}")
+
+    recorder.started.clear()
+    await submit(client, "rec")
+    await asyncio.wait_for(recorder.started.wait(), 10)
+    await client.close()
+
+    timed = await make_client(
+        handlers={"rec": recorder.handler}, data_dir=tmp_path / "b", job_timeout_s=0.2
+    )
+    await finished(timed, await submit(timed, "rec"))
+
+    assert ["cancel", "shutdown", None] == recorder.reasons

@@ -322,6 +322,7 @@ async def test_report_result_arrives_intact(
     data = await download(report_client, job_id)
     assert upstream.state.result_bytes(operation) == data
     assert hashlib.sha256(data).hexdigest() == result["sha256"]
+    assert {"operation": operation.id} == result["details"]  # the handler's own facts
 
 
 async def test_upstream_500_is_retried_on_the_same_operation(

@@ -166,16 +166,6 @@ class ReportJobs:
         self.max_poll_s = max_poll_s
         self.request_timeout_s = request_timeout_s
         self.cancel_timeout_s = cancel_timeout_s
-        self.shutting_down = False
-
-    # aiohttp signals: a job canceled by a shutdown must leave its operation running,
-    # because it is re-queued and the next attempt resumes that operation. JobContext does
-    # not say why a job was canceled, but the app's own shutdown signal comes first.
-    async def on_startup(self, app: web.Application) -> None:
-        self.shutting_down = False
-
-    async def on_shutdown(self, app: web.Application) -> None:
-        self.shutting_down = True
 
     def poll_delay_s(self, retry_after: str | None) -> float:
         """How long to wait before the next poll: Retry-After, within our bounds."""
@@ -200,7 +190,9 @@ class ReportJobs:
                 await self._wait_done(session, ctx, operation, retry_after)
                 return await self._store_result(session, ctx, operation.id)
             except asyncio.CancelledError:
-                if not self.shutting_down:
+                # A shutdown re-queues the job and the next attempt resumes this operation;
+                # a cancel or the time limit ends it for good.
+                if ctx.stop_reason != "shutdown":
                     await self._cancel_upstream(session, operation.id)
                 raise
 
@@ -356,8 +348,6 @@ def build_app(
     """A longdl service with the ``report`` job kind and ``POST /v1/reports``."""
     app = create_app(settings, handlers={KIND: jobs.run}, storage=storage)
     app[REPORT_JOBS] = jobs
-    app.on_startup.append(jobs.on_startup)
-    app.on_shutdown.append(jobs.on_shutdown)
     app.router.add_post("/v1/reports", create_report)
     return app
 

@@ -121,6 +121,7 @@ def resource(job: Job, signed: SignedUrl | None, now: float | None = None) -> Jo
             sha256=job.result.get("sha256"),
             files=details.get("files", []),
             missing=details.get("missing", []),
+            details=details,
         )
     error = ErrorOut(**job.error) if job.error and job.status is not JobStatus.COMPLETED else None
     file_ids = list(job.payload.get("file_ids", []))
