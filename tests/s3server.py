@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiobotocore.session import get_session
 
 from longdl.storage.s3 import S3Storage
 
@@ -47,8 +48,12 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_ports(count: int, low: int = 20_000, high: int = 45_000) -> list[int]:
-    """``count`` ports that are free on 127.0.0.1, each with its +10000 gRPC port free."""
+def free_ports(count: int, low: int = 10_000, high: int = 22_000) -> list[int]:
+    """``count`` ports that are free on 127.0.0.1, each with its +10000 gRPC port free.
+
+    Both stay below Linux's ephemeral range (32768+), so no outgoing connection can
+    take one between this check and weed binding it, or while weed is down for a test.
+    """
     ports: list[int] = []
     candidates = random.sample(range(low, high), k=min(2000, high - low))
     for port in candidates:
@@ -76,6 +81,8 @@ class SeaweedServer:
             free_ports(5)
         )
         self.process: subprocess.Popen[bytes] | None = None
+        # Shared by every S3Storage made here: it caches botocore's parsed models.
+        self.session = get_session()
         (root / "data").mkdir(parents=True, exist_ok=True)
         (root / "logs").mkdir(exist_ok=True)
         identities = {
@@ -117,6 +124,11 @@ class SeaweedServer:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            # Every bucket is a collection holding at least one volume, and by default
+            # the volume count is capped at free disk / 1 GiB: on a small CI disk the
+            # suite's per-test buckets would run out ("no free volumes left").
+            "-volume.max=2000",
+            "-master.volumeSizeLimitMB=64",
             f"-s3.config={root / 's3.json'}",
             f"-s3.localSocket={root / 's3.sock'}",
             f"-filer.localSocket={root / 'filer.sock'}",
@@ -191,6 +203,7 @@ class SeaweedServer:
             region=REGION,
             access_key_id=ACCESS_KEY,
             secret_access_key=SECRET_KEY,
+            session=self.session,
             **options,
         )
 
@@ -221,13 +234,22 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"), weed)
-    server.start()
+    for attempt in range(1, 4):
+        # Another process may take a port between our check and weed's bind: retry on
+        # fresh ports rather than fail the whole session.
+        server = SeaweedServer(tmp_path_factory.mktemp("seaweed"), weed)
+        server.start()
+        try:
+            server.wait_ready()
+            break
+        except RuntimeError:
+            server.stop(kill=True)
+            if attempt == 3:
+                raise
     try:
-        server.wait_ready()
         yield server
     finally:
-        server.stop()
+        server.stop(kill=True)  # its data is thrown away: no need for a clean stop
 
 
 @pytest.fixture
