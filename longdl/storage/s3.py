@@ -423,13 +423,18 @@ class _MultipartUpload:
                 self._upload_id = str(created["UploadId"])
             number = len(self._parts) + 1
             data.seek(0)
-            response = await client.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=data,
-            )
+            try:
+                response = await client.upload_part(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=data,
+                )
+            finally:
+                # Free the part now: the request objects that still point at it may
+                # live on in a reference cycle until the next garbage collection.
+                data.close()
         self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
 
     async def complete(self) -> None:
