@@ -132,3 +132,24 @@ async def test_canceling_a_job_mid_upload_leaves_no_parts(
     assert [] == await uploads()
     listed = await storage.client.list_objects_v2(Bucket=storage.bucket)
     assert [] == listed.get("Contents", [])
+
+
+async def test_redirect_keeps_a_non_ascii_filename_signed(
+    make_client: AppFactory, seaweed: SeaweedServer
+) -> None:
+    """A custom job's artifact named "résumé 1.zip" downloads under that name via the 302."""
+
+    async def report(ctx: JobContext) -> Artifact:
+        key = f"bundles/{ctx.job_id}.zip"
+        info = await ctx.storage.write_bytes(key, b"report bytes", "application/zip")
+        return Artifact(key=key, filename="résumé 1.zip", size_bytes=info.size_bytes)
+
+    client = await make_client(**seaweed.settings(), handlers={"report": report}, seed_ids=())
+    inserted = await client.app[keys.ENGINE].submit("report", {})
+    await finished(client, inserted.job.id)
+
+    response = await client.get(f"/v1/download/{inserted.job.id}", allow_redirects=False)
+    status, headers, data = await fetch(response.headers["Location"])
+
+    assert (200, b"report bytes") == (status, data)
+    assert content_disposition("résumé 1.zip") == headers["Content-Disposition"]
