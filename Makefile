@@ -30,8 +30,11 @@ lint: install
 	$(BIN)/ruff check longdl tests examples bench
 	$(BIN)/ruff format --check longdl tests examples bench
 
+# longdl/, then each example folder on its own (both have an app.py).
 typecheck: install
 	$(BIN)/mypy
+	$(BIN)/mypy examples/extraction
+	$(BIN)/mypy examples/slow_upstream
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -10,10 +10,11 @@ from aiohttp import web
 
 from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
+from longdl import webhooks
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
 from longdl.store import Store
-from longdl.web import files, keys, problems, routes
+from longdl.web import events, files, keys, metrics, openapi, policy, problems, routes, ui
 
 log = logging.getLogger("longdl")
 
@@ -34,10 +35,22 @@ def create_app(
     """
     settings = settings or Settings()
     app = web.Application(
-        middlewares=[problems.request_ids, problems.problems],
+        # Outermost first: every later layer sees a request id and the caller; metrics
+        # time what the client gets, problems included; auth and limits raise problems.
+        middlewares=[
+            policy.context,
+            metrics.observe,
+            policy.cors,
+            problems.problems,
+            policy.deadline,
+            policy.auth,
+            policy.rate_limit,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
+    policy.install(app, settings)
+    metrics.install(app)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -56,6 +69,7 @@ def create_app(
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = Engine(app[keys.STORE], app[keys.STORAGE], all_handlers, settings)
+        engine.hub.add_listener(app[metrics.METRICS].on_job_change)
         await engine.start()
         app[keys.ENGINE] = engine
         log.info(
@@ -67,7 +81,18 @@ def create_app(
         yield
         await engine.stop()
 
+    async def drain(app: web.Application) -> None:
+        # on_shutdown runs as soon as the server stops listening, before aiohttp waits
+        # for open requests: waiters answer now and new jobs get 503.
+        if keys.ENGINE in app:
+            app[keys.ENGINE].drain()
+
     app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
+    app.on_shutdown.append(drain)
+    app.cleanup_ctx.append(webhooks.worker_ctx)
     app.router.add_routes(routes.routes)
     app.router.add_routes(files.routes)
+    events.setup(app)
+    app.router.add_routes(ui.routes)
+    openapi.install(app)
     return app

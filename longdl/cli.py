@@ -1,4 +1,5 @@
-"""Command line: ``longdl serve``, ``longdl seed``.
+"""Command line: ``longdl serve``, ``longdl seed``, and the client commands ``longdl get``
+and ``longdl jobs`` (in :mod:`longdl.cli_client`).
 
 Every setting of :class:`~longdl.config.Settings` is also a flag of ``serve`` and
 ``seed`` (``DOWNLOAD_DELAY_MIN_MS`` is ``--download-delay-min-ms``); flags win over
@@ -19,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 import longdl
+from longdl import cli_client
 from longdl import storage as storage_backends
 from longdl.config import Settings
 from longdl.seed import DEMO_FILE_IDS, seed
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file_ids", nargs="*", type=int, help="ids to write (default: the demo set)"
     )
     add_settings_flags(seed_cmd)
+    cli_client.add_commands(commands)
     return parser
 
 
@@ -128,6 +131,8 @@ def cmd_seed(settings: Settings, file_ids: Sequence[int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in cli_client.COMMANDS:
+        return cli_client.run(args)
     try:
         settings = settings_from(args)
     except Exception as exc:  # pydantic.ValidationError: show it without a traceback

@@ -6,10 +6,12 @@ Names follow the original Delineate service where it had them (``PORT``, ``S3_*`
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -20,6 +22,31 @@ def _split_csv(value: object) -> object:
 
 
 CsvList = Annotated[list[str], NoDecode]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> list[Network]:
+    """TRUSTED_PROXIES entries (addresses or CIDR blocks) as networks.
+
+    Raises:
+        ValueError: an entry is neither.
+    """
+    return [ipaddress.ip_network(entry, strict=False) for entry in entries]
+
+
+def parse_api_keys(entries: Iterable[str]) -> dict[str, str]:
+    """API_KEYS entries ``name:key`` as ``{key: name}``.
+
+    Raises:
+        ValueError: an entry lacks its name or key.
+    """
+    by_key: dict[str, str] = {}
+    for entry in entries:
+        name, sep, key = entry.partition(":")
+        if not sep or not name.strip() or not key.strip():
+            raise ValueError("API_KEYS entries look like name:key")
+        by_key[key.strip()] = name.strip()
+    return by_key
 
 
 class Settings(BaseSettings):
@@ -102,7 +129,8 @@ class Settings(BaseSettings):
     sync_wait_max_s: float = Field(default=25.0, ge=0)
     #: Origin hosts allowed the synchronous mode.
     sync_origins: CsvList = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
-    #: Request timeout of the original service, kept for compatibility (ms).
+    #: Longest a non-streaming request may take before a 504 problem (ms; 0: no limit).
+    #: The original service's name; long-polls and synchronous waits must stay under it.
     request_timeout_ms: int = Field(default=30_000, ge=0)
 
     #: Largest accepted request body.
@@ -129,6 +157,23 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None
     #: Private or loopback hosts webhooks may still target.
     webhook_allow_hosts: CsvList = Field(default_factory=list)
+    #: Delivery attempts of one webhook before it is marked failed.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    #: Time limit of one delivery attempt (connect, send, response).
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    #: First retry delay ceiling of a webhook; doubles each attempt (full jitter).
+    webhook_retry_base_ms: int = Field(default=10_000, ge=0)
+    #: Webhook retry delay ceiling.
+    webhook_retry_max_ms: int = Field(default=3_600_000, ge=0)
+    #: A delivery still failing this long after its job finished is given up.
+    webhook_max_age_s: float = Field(default=24 * 3600, gt=0)
+    #: Deliveries in flight at once.
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+
+    #: Longest quiet gap in an event stream before a heartbeat comment (proxies drop idle streams).
+    sse_heartbeat_s: float = Field(default=15.0, gt=0, le=15)
+    #: Lifetime of one event stream; the client reconnects with Last-Event-ID (under proxy limits).
+    sse_max_s: float = Field(default=50.0, gt=0)
 
     _split = field_validator(
         "sync_origins",
@@ -138,6 +183,30 @@ class Settings(BaseSettings):
         "webhook_allow_hosts",
         mode="before",
     )(_split_csv)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_api_keys(cls, value: list[str]) -> list[str]:
+        parse_api_keys(value)
+        return value
+
+    @model_validator(mode="after")
+    def _waits_fit_the_request_timeout(self) -> Settings:
+        limit_s = self.request_timeout_ms / 1000
+        if limit_s:
+            for name in ("long_poll_max_s", "sync_wait_max_s"):
+                if getattr(self, name) >= limit_s:
+                    raise ValueError(
+                        f"{name.upper()} must be below REQUEST_TIMEOUT_MS ({limit_s:g} s), "
+                        "or waiting requests would be cut off"
+                    )
+        return self
 
     @property
     def database_path(self) -> Path:

@@ -22,7 +22,7 @@ from longdl import exceptions, retry
 from longdl.config import Settings
 from longdl.models import Job, JobStatus, Priority, Progress
 from longdl.storage import Storage
-from longdl.store import Inserted, NewJob, Store
+from longdl.store import Inserted, Limits, NewJob, Store
 
 log = logging.getLogger("longdl.engine")
 
@@ -121,6 +121,13 @@ class _Running:
     last_notify: float = 0.0
     stop_reason: Literal["cancel", "shutdown"] | None = None
     finish_task: asyncio.Task[Job | None] | None = None
+    #: A throttled progress change waiting to be announced (trailing edge).
+    pending_notify: asyncio.TimerHandle | None = None
+
+    def cancel_pending_notify(self) -> None:
+        if self.pending_notify is not None:
+            self.pending_notify.cancel()
+            self.pending_notify = None
 
 
 class ChangeHub:
@@ -139,6 +146,17 @@ class ChangeHub:
             event = asyncio.Event()
             self._events[job_id] = event
         return event
+
+    def wake_all(self) -> None:
+        """Wake everyone waiting for a change (the service is shutting down)."""
+        events = list(self._events.values())
+        self._events.clear()
+        for event in events:
+            event.set()
+
+    def is_watched(self, job_id: str) -> bool:
+        """Whether someone is waiting for this job's next change right now."""
+        return job_id in self._events
 
     def notify(self, job: Job) -> None:
         event = self._events.pop(job.id, None)
@@ -201,6 +219,14 @@ class Engine:
             asyncio.create_task(self._sweep_loop(), name="longdl ttl sweeper"),
         ]
 
+    def drain(self) -> None:
+        """Begin shutting down: refuse new jobs (503), stop claiming queued ones, and wake
+        every long-poll and synchronous wait so it answers now instead of holding the
+        shutdown up. Running jobs go on until :meth:`stop`."""
+        self._stopping = True
+        self._wakeup.set()
+        self.hub.wake_all()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming, give running jobs ``grace_s`` to finish, re-queue the rest."""
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
@@ -237,6 +263,7 @@ class Engine:
         payload: dict[str, Any],
         *,
         owner: str = "",
+        client: str = "",
         priority: Priority = Priority.NORMAL,
         user_id: str | None = None,
         client_request_id: str | None = None,
@@ -246,6 +273,10 @@ class Engine:
         progress: Progress | None = None,
     ) -> Inserted:
         """Queue a job (committed before this returns) or replay an idempotent one.
+
+        Args:
+            owner: whose job it is (who may see it): the API key's name, or "".
+            client: who sent it, for per-caller limits; ``owner`` when empty.
 
         Raises:
             exceptions.IdempotencyMismatch: the key was used with another request.
@@ -260,7 +291,6 @@ class Engine:
             existing = await self.store.find_idempotent(owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, request_hash)
-        await self._check_limits(owner)
         new = NewJob(
             id=str(uuid.uuid4()),
             kind=kind,
@@ -268,6 +298,7 @@ class Engine:
             max_attempts=self.settings.max_attempts,
             priority=priority,
             owner=owner,
+            client=client or owner,
             user_id=user_id,
             client_request_id=client_request_id,
             callback_url=callback_url,
@@ -275,7 +306,10 @@ class Engine:
             progress=progress,
         )
         inserted = await self.store.insert_job(
-            new, idempotency_key=idempotency_key, request_hash=request_hash
+            new,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            limits=Limits(self.settings.max_queued, self.settings.max_active_per_user),
         )
         if inserted.replayed:
             return self._replay(inserted, request_hash)
@@ -291,15 +325,6 @@ class Engine:
                 "This idempotency key was already used with a different request"
             )
         return inserted
-
-    async def _check_limits(self, owner: str) -> None:
-        if await self.store.count_queued() >= self.settings.max_queued:
-            raise exceptions.Overloaded("Too many jobs are waiting", retry_after_s=30)
-        if await self.store.count_active(owner) >= self.settings.max_active_per_user:
-            raise exceptions.TooManyActiveJobs(
-                f"At most {self.settings.max_active_per_user} unfinished jobs per caller",
-                retry_after_s=10,
-            )
 
     async def get(self, job_id: str) -> Job | None:
         """The job as it is now; running jobs come from memory, not a query."""
@@ -351,7 +376,7 @@ class Engine:
             event = self.hub.event(job_id)
             job = await self.get(job_id)
             remaining = deadline - time.monotonic()
-            if job is None or job.status.finished or remaining <= 0:
+            if job is None or job.status.finished or remaining <= 0 or self._stopping:
                 return job
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
@@ -394,13 +419,19 @@ class Engine:
         running = _Running(job=job)
         self._running[job.id] = running
         running.task = asyncio.create_task(self._run(running), name=f"longdl job {job.id}")
-        running.task.add_done_callback(lambda _: self._job_done(job.id))
+        running.task.add_done_callback(lambda _: self._job_done(running))
         log.info("job.started job_id=%s attempt=%d", job.id, job.attempts)
         self.hub.notify(job)
 
-    def _job_done(self, job_id: str) -> None:
-        self._running.pop(job_id, None)
+    def _job_done(self, running: _Running) -> None:
+        running.cancel_pending_notify()
+        self._forget(running)
         self._slots.release()
+
+    def _forget(self, running: _Running) -> None:
+        """Stop serving this attempt from memory (a retry may already run under the id)."""
+        if self._running.get(running.job.id) is running:
+            del self._running[running.job.id]
 
     async def _run(self, running: _Running) -> None:
         job = running.job
@@ -434,9 +465,13 @@ class Engine:
 
         task = asyncio.create_task(final(), name=f"longdl finish {running.job.id}")
         running.finish_task = task
+        # The final status is the last word; no stale progress may follow it.
+        running.cancel_pending_notify()
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         job = await asyncio.shield(task)
+        # From here on readers must see the stored final state, not the attempt's memory.
+        self._forget(running)
         if job is not None:
             self.hub.notify(job)
 
@@ -498,11 +533,24 @@ class Engine:
     # --- progress ----------------------------------------------------------------------
 
     def _progress_changed(self, running: _Running, *, force: bool) -> None:
+        """Announce progress at most every NOTIFY_INTERVAL_S; a change inside the interval
+        is announced at its end, so a waiting long-poll never misses the last one."""
+        if running.finish_task is not None:
+            return
+        due = running.last_notify + NOTIFY_INTERVAL_S
         now = time.monotonic()
-        if force or now - running.last_notify >= NOTIFY_INTERVAL_S:
-            running.last_notify = now
-            running.job.updated_at = time.time()
-            self.hub.notify(running.job)
+        if force or now >= due:
+            self._notify_progress(running)
+        elif running.pending_notify is None:
+            running.pending_notify = asyncio.get_running_loop().call_later(
+                due - now, self._notify_progress, running
+            )
+
+    def _notify_progress(self, running: _Running) -> None:
+        running.cancel_pending_notify()
+        running.last_notify = time.monotonic()
+        running.job.updated_at = time.time()
+        self.hub.notify(running.job)
 
     async def _flush(self) -> None:
         for running in list(self._running.values()):

@@ -12,7 +12,9 @@
     ├── IdempotencyMismatch        same idempotency key, different request
     ├── Overloaded                 back-pressure: too many queued jobs
     │   └── TooManyActiveJobs      one caller has too many unfinished jobs
-    └── InvalidSignature           a signed URL was tampered with or expired
+    ├── InvalidSignature           a signed URL was tampered with or expired
+    ├── WebhookTargetRefused       a callback URL points at a private or loopback address
+    └── InvalidWebhook             a webhook's signature or timestamp does not verify
 """
 
 from __future__ import annotations
@@ -80,3 +82,15 @@ class TooManyActiveJobs(Overloaded):
 
 class InvalidSignature(LongdlError):
     """A signed URL's signature does not match or it has expired."""
+
+
+class WebhookTargetRefused(LongdlError):
+    """A callback URL names a host webhooks may not reach (SSRF guard).
+
+    Private, loopback, link-local, multicast and unspecified addresses are refused
+    unless the host is in ``WEBHOOK_ALLOW_HOSTS``.
+    """
+
+
+class InvalidWebhook(LongdlError):
+    """A received webhook's headers, timestamp or signature do not verify."""

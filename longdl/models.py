@@ -129,6 +129,8 @@ class Job:
     created_at: float
     updated_at: float
     owner: str = ""
+    #: Who sent it: the API key's name, else the client address (per-caller limits).
+    client: str = ""
     user_id: str | None = None
     client_request_id: str | None = None
     idempotency_key: str | None = None
@@ -323,3 +325,42 @@ class RootOut(BaseModel):
     name: str
     version: str
     links: dict[str, str]
+
+
+class HistoryQuery(BaseModel):
+    """Query of ``GET /v1/download/history``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    userId: str | None = Field(default=None, min_length=1, max_length=200)
+    status: list[JobStatus] = Field(default_factory=list, description="Repeat or comma-separate.")
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=400)
+
+
+class HistoryOut(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    items: list[JobOut]
+    nextCursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end."
+    )
+
+
+class StartOut(BaseModel):
+    """The original synchronous answer of ``POST /v1/download/start``."""
+
+    file_id: int
+    status: Literal["completed", "failed"]
+    downloadUrl: str | None = Field(description="Signed URL when completed; absolute.")
+    size: int | None = Field(description="Size of the download in bytes.")
+    processingTimeMs: int
+    message: str
+
+
+class StartAcceptedOut(InitiateOut):
+    """``POST /v1/download/start`` for callers that must not wait: poll instead."""
+
+    file_id: int
+    pollingEndpoint: str = Field(description="Poll this URL (the status URL).")
+    message: str

@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
-from longdl import retry
+from longdl import exceptions, retry
 from longdl.models import FINISHED_STATUSES, Job, JobStatus, Priority, Progress
 
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -63,12 +63,54 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at);
     """,
+    # 2: who sent the job (API key name, else client address), for per-caller limits even
+    # when the service is open and every job has the same owner.
+    """
+    ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT '';
+    DROP INDEX jobs_active;
+    CREATE INDEX jobs_client_active ON jobs (client)
+        WHERE status IN ('queued', 'running', 'processing_artifacts');
+    """,
+    # 3: webhook deliveries. The trigger queues one when a job with a callback URL reaches
+    # a final status, inside the very statement that writes that status: a process
+    # that dies right after the status commit cannot lose the delivery, and every path
+    # to a final status (complete, fail, cancel, any future one) is covered.
+    """
+    CREATE TABLE webhook_deliveries (
+        id               TEXT PRIMARY KEY,
+        job_id           TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        event_type       TEXT NOT NULL,
+        url              TEXT NOT NULL,
+        payload          TEXT,
+        status           TEXT NOT NULL DEFAULT 'pending',
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  REAL NOT NULL,
+        last_error       TEXT,
+        last_status_code INTEGER,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL,
+        delivered_at     REAL
+    );
+    CREATE UNIQUE INDEX webhook_deliveries_event ON webhook_deliveries (job_id, event_type);
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+        WHERE status = 'pending';
+    CREATE TRIGGER jobs_finished_webhook AFTER UPDATE OF status ON jobs
+    WHEN NEW.callback_url IS NOT NULL
+         AND NEW.status IN ('completed', 'failed', 'canceled')
+         AND OLD.status NOT IN ('completed', 'failed', 'canceled', 'expired')
+    BEGIN
+        INSERT OR IGNORE INTO webhook_deliveries
+            (id, job_id, event_type, url, next_attempt_at, created_at, updated_at)
+        VALUES ('msg_' || lower(hex(randomblob(16))), NEW.id, 'job.' || NEW.status,
+                NEW.callback_url, NEW.updated_at, NEW.updated_at, NEW.updated_at);
+    END;
+    """,
 )
 
 _JOB_COLUMNS = (
     "id, kind, status, priority, payload, attempts, max_attempts, progress, result, error, "
     "owner, user_id, client_request_id, callback_url, created_at, updated_at, started_at, "
-    "finished_at, run_after, expires_at"
+    "finished_at, run_after, expires_at, client"
 )
 
 _ACTIVE = ("queued", "running", "processing_artifacts")
@@ -108,6 +150,7 @@ def _row_to_job(row: aiosqlite.Row) -> Job:
         finished_at=row["finished_at"],
         run_after=row["run_after"],
         expires_at=row["expires_at"],
+        client=row["client"],
     )
 
 
@@ -121,6 +164,7 @@ class NewJob:
     max_attempts: int
     priority: Priority = Priority.NORMAL
     owner: str = ""
+    client: str = ""
     user_id: str | None = None
     client_request_id: str | None = None
     callback_url: str | None = None
@@ -129,11 +173,56 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Back-pressure checked in the same transaction as the insert, so bursts cannot
+    overshoot them."""
+
+    max_queued: int
+    max_active_per_client: int
+    queued_retry_after_s: int = 30
+    active_retry_after_s: int = 10
+
+
+@dataclass(frozen=True)
 class Inserted:
     """Result of :meth:`Store.insert_job`: the job, and whether it already existed."""
 
     job: Job
     replayed: bool
+
+
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+_DELIVERY_COLUMNS = (
+    "id, job_id, event_type, url, payload, status, attempts, next_attempt_at, last_error, "
+    "last_status_code, created_at, updated_at, delivered_at"
+)
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One row of webhook_deliveries: a finished job's event for its callback URL."""
+
+    #: Also the ``webhook-id`` header: the same on every attempt.
+    id: str
+    job_id: str
+    #: ``job.completed``, ``job.failed`` or ``job.canceled``.
+    event_type: str
+    url: str
+    #: The body, kept at the first attempt so retries send the same bytes.
+    payload: str | None
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    last_status_code: int | None
+    created_at: float
+    updated_at: float
+    delivered_at: float | None
+
+
+def _row_to_delivery(row: aiosqlite.Row) -> WebhookDelivery:
+    return WebhookDelivery(**{key: row[key] for key in row.keys()})  # noqa: SIM118
 
 
 class Store:
@@ -238,11 +327,11 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def count_active(self, owner: str) -> int:
+    async def count_active(self, client: str) -> int:
         """Unfinished jobs of one caller."""
         async with self.db.execute(
-            f"SELECT count(*) FROM jobs WHERE owner = ? AND status IN ({_placeholders(_ACTIVE)})",
-            (owner, *_ACTIVE),
+            f"SELECT count(*) FROM jobs WHERE client = ? AND status IN ({_placeholders(_ACTIVE)})",
+            (client, *_ACTIVE),
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
@@ -296,16 +385,23 @@ class Store:
     # --- writes ------------------------------------------------------------------------
 
     async def insert_job(
-        self, new: NewJob, *, idempotency_key: str | None = None, request_hash: str = ""
+        self,
+        new: NewJob,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+        limits: Limits | None = None,
     ) -> Inserted:
         """Insert a queued job, or return the job an idempotency key already names.
 
-        The key's uniqueness is a primary key, so concurrent requests with one key
-        make one job.
+        The key's uniqueness is a primary key and the whole check-and-insert runs in one
+        ``BEGIN IMMEDIATE`` transaction, so concurrent requests with one key make one job.
+        A replay is returned even when the limits are reached: it creates nothing.
 
         Raises:
-            exceptions.IdempotencyMismatch: via the caller, when ``replayed`` is True
-            and the stored request hash differs (checked by :meth:`Engine.submit`).
+            exceptions.Overloaded: ``limits.max_queued`` jobs are already waiting.
+            exceptions.TooManyActiveJobs: the client has ``limits.max_active_per_client``
+                unfinished jobs.
         """
         now = self._clock()
         progress = new.progress or Progress()
@@ -330,8 +426,11 @@ class Store:
                         assert job is not None  # cascaded delete removes the key too
                         job.extra["request_hash"] = existing["request_hash"]
                         return Inserted(job, replayed=True)
+                if limits is not None:
+                    await self._check_limits(new.client, limits)
                 await self.db.execute(
-                    f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({_placeholders(range(20))})",
+                    f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES "
+                    f"({_placeholders(_JOB_COLUMNS.split(','))})",
                     (
                         new.id,
                         new.kind,
@@ -353,6 +452,7 @@ class Store:
                         None,
                         now,
                         new.expires_at,
+                        new.client,
                     ),
                 )
                 if idempotency_key is not None:
@@ -368,6 +468,18 @@ class Store:
         job = await self.get_job(new.id)
         assert job is not None
         return Inserted(job, replayed=False)
+
+    async def _check_limits(self, client: str, limits: Limits) -> None:
+        """Raise if a new job would exceed ``limits``; runs inside the insert transaction."""
+        if await self.count_queued() >= limits.max_queued:
+            raise exceptions.Overloaded(
+                "Too many jobs are waiting; try again later", limits.queued_retry_after_s
+            )
+        if await self.count_active(client) >= limits.max_active_per_client:
+            raise exceptions.TooManyActiveJobs(
+                f"At most {limits.max_active_per_client} unfinished jobs per caller",
+                limits.active_retry_after_s,
+            )
 
     async def claim_next(self) -> Job | None:
         """Move the most urgent claimable queued job to running and return it.
@@ -527,5 +639,108 @@ class Store:
         )
         return len(rows)
 
+    # --- webhook deliveries ------------------------------------------------------------
 
-__all__ = ["FINISHED_STATUSES", "Inserted", "NewJob", "Store"]
+    async def due_webhook_deliveries(
+        self, limit: int, exclude: Collection[str] = ()
+    ) -> list[WebhookDelivery]:
+        """Pending deliveries whose next attempt is due, oldest due first.
+
+        Args:
+            limit: at most this many.
+            exclude: ids already in flight in this process.
+        """
+        not_in = f"AND id NOT IN ({_placeholders(exclude)})" if exclude else ""
+        async with self.db.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries "
+            f"WHERE status = 'pending' AND next_attempt_at <= ? {not_in} "
+            "ORDER BY next_attempt_at LIMIT ?",
+            (self._clock(), *exclude, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_row_to_delivery(r) for r in rows]
+
+    async def next_webhook_attempt_at(self, exclude: Collection[str] = ()) -> float | None:
+        """When the earliest pending delivery not in ``exclude`` is due; None if none."""
+        not_in = f"AND id NOT IN ({_placeholders(exclude)})" if exclude else ""
+        async with self.db.execute(
+            "SELECT min(next_attempt_at) FROM webhook_deliveries "
+            f"WHERE status = 'pending' {not_in}",
+            tuple(exclude),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
+        """Every delivery of one job, oldest first."""
+        async with self.db.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE job_id = ? "
+            "ORDER BY created_at, id",
+            (job_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_row_to_delivery(r) for r in rows]
+
+    async def set_webhook_payload(self, delivery_id: str, payload: str) -> str | None:
+        """Keep the body of a delivery, unless one is kept already; return the kept one.
+
+        Retries then send the very bytes of the first attempt.
+        """
+        rows = await self._write(
+            "UPDATE webhook_deliveries SET payload = coalesce(payload, ?) WHERE id = ? "
+            "RETURNING payload",
+            (payload, delivery_id),
+        )
+        return str(rows[0]["payload"]) if rows else None
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: str,
+        status: DeliveryStatus,
+        *,
+        attempted: bool,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        status_code: int | None = None,
+    ) -> WebhookDelivery | None:
+        """Write the outcome of an attempt to a pending delivery.
+
+        Args:
+            status: ``pending`` (retry at ``next_attempt_at``), ``delivered`` or ``failed``.
+            attempted: whether a request was sent (counts as an attempt).
+            error: why it did not succeed.
+            status_code: the receiver's answer, when there was one.
+        """
+        now = self._clock()
+        rows = await self._write(
+            "UPDATE webhook_deliveries SET status = ?, attempts = attempts + ?, "
+            "next_attempt_at = coalesce(?, next_attempt_at), last_error = ?, "
+            "last_status_code = coalesce(?, last_status_code), updated_at = ?, "
+            "delivered_at = CASE WHEN ? = 'delivered' THEN ? END "
+            f"WHERE id = ? AND status = 'pending' RETURNING {_DELIVERY_COLUMNS}",
+            (
+                status,
+                int(attempted),
+                next_attempt_at,
+                error,
+                status_code,
+                now,
+                status,
+                now,
+                delivery_id,
+            ),
+        )
+        return _row_to_delivery(rows[0]) if rows else None
+
+    async def count_webhook_deliveries(self) -> dict[str, int]:
+        """Deliveries by status (pending, delivered, failed)."""
+        async with self.db.execute(
+            "SELECT status, count(*) FROM webhook_deliveries GROUP BY status"
+        ) as cur:
+            rows = await cur.fetchall()
+        counts = dict.fromkeys(("pending", "delivered", "failed"), 0)
+        counts.update({str(status): int(count) for status, count in rows})
+        return counts
+
+
+__all__ = ["FINISHED_STATUSES", "Inserted", "Limits", "NewJob", "Store"]

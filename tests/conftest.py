@@ -64,6 +64,9 @@ def test_settings(data_dir: Path, **overrides: Any) -> Settings:
         "retry_max_ms": 100,
         "sweep_interval_s": 3600,
         "shutdown_grace_s": 0,
+        # Tests hammer one app from one address; the limits have tests of their own.
+        "rate_limit_max_requests": 100_000,
+        "rate_limit_poll_max_requests": 100_000,
     }
     base.update(overrides)
     return Settings(**base)

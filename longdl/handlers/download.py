@@ -19,6 +19,8 @@ from longdl.zipstream import Entry, zip_entries
 
 #: Share of the progress bar spent resolving files; the rest is bundling bytes.
 RESOLVE_SHARE = 20.0
+#: While simulating upstream latency, progress moves at least this often.
+DELAY_TICK_S = 0.25
 
 
 def source_key(file_id: int) -> str:
@@ -50,7 +52,7 @@ async def run(ctx: JobContext) -> Artifact:
     missing: list[int] = []
     for done, file_id in enumerate(file_ids, start=1):
         if delay_per_file_s:
-            await asyncio.sleep(delay_per_file_s)
+            await _wait_upstream(ctx, delay_per_file_s, done - 1, total)
         info = await ctx.storage.head(source_key(file_id))
         if info is None:
             missing.append(file_id)
@@ -84,6 +86,16 @@ async def run(ctx: JobContext) -> Artifact:
             details=details,
         )
     return await _bundle(ctx, available, sizes, details)
+
+
+async def _wait_upstream(ctx: JobContext, delay_s: float, done: int, total: int) -> None:
+    """Sleep out one file's simulated latency, moving progress toward its share."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    ctx.report(message=f"Resolving {done + 1}/{total} files", files_total=total)
+    while (elapsed_s := loop.time() - start) < delay_s:
+        ctx.report(percent=RESOLVE_SHARE * (done + elapsed_s / delay_s) / total)
+        await asyncio.sleep(min(DELAY_TICK_S, delay_s - elapsed_s))
 
 
 async def _bundle(

@@ -10,12 +10,32 @@ from aiohttp import hdrs, web
 from longdl import exceptions
 from longdl.storage.base import content_disposition
 from longdl.web import keys
+from longdl.web.openapi import Param, Resp, doc, problem
 from longdl.web.problems import HTTPProblem
 
 routes = web.RouteTableDef()
+FILE_MEDIA = ("application/zip", "application/octet-stream")
 
 
 @routes.get("/files/{key:.+}")
+@doc(
+    "A stored object, for holders of a signed URL (local storage only)",
+    tag="files",
+    v1=False,
+    params=[
+        Param("key", "path", "Object key", required=True),
+        Param("expires", "query", "Expiry (unix seconds)", required=True),
+        Param("filename", "query", "Download name", required=True),
+        Param("sig", "query", "HMAC signature", required=True),
+        Param("Range", "header", "bytes=N- to resume"),
+    ],
+    responses={
+        200: Resp("The file", media=FILE_MEDIA, schema={"type": "string"}),
+        206: Resp("Part of the file", media=FILE_MEDIA, schema={"type": "string"}),
+        403: problem("Bad or expired signature"),
+        404: problem("The object no longer exists, or storage is not local"),
+    },
+)
 async def serve_file(request: web.Request) -> web.StreamResponse:
     # Only the local backend serves files (test twins wrapping it forward ``verify``).
     verify: Callable[[str, str, str, str], Path] | None = getattr(

@@ -18,3 +18,5 @@ ENGINE = web.AppKey("engine", Engine)
 REQUEST_ID = web.RequestKey("request_id", str)
 #: Owner scope of the caller's jobs: the API key's name, or "" when the service is open.
 CALLER = web.RequestKey("caller", str)
+#: Who is calling, for limits: the API key's name, else the client address.
+CLIENT = web.RequestKey("client", str)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import uuid
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -21,7 +19,6 @@ log = logging.getLogger("longdl.web")
 
 PROBLEM_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class HTTPProblem(Exception):
@@ -105,6 +102,14 @@ def problem_for(exc: Exception) -> HTTPProblem | None:
         )
     if isinstance(exc, exceptions.InvalidSignature):
         return HTTPProblem(403, str(exc), code="INVALID_SIGNATURE")
+    if isinstance(exc, exceptions.WebhookTargetRefused):
+        return HTTPProblem(
+            400,
+            "The request is invalid",
+            title="Invalid request",
+            code="VALIDATION_ERROR",
+            errors=[ProblemFieldError(field="callbackUrl", message=str(exc))],
+        )
     return None
 
 
@@ -122,22 +127,6 @@ def _from_http_exception(exc: web.HTTPException) -> HTTPProblem:
     elif exc.text and not exc.text.startswith(f"{exc.status}:"):
         detail = exc.text
     return HTTPProblem(exc.status, detail, headers=headers)
-
-
-@web.middleware
-async def request_ids(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Echo a sane X-Request-ID or mint one, on every response, errors included."""
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    rid = incoming if _SAFE_REQUEST_ID.match(incoming) else str(uuid.uuid4())
-    request[keys.REQUEST_ID] = rid
-    try:
-        response: web.StreamResponse = await handler(request)
-    except web.HTTPException as exc:
-        exc.headers[REQUEST_ID_HEADER] = rid
-        raise
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = rid
-    return response
 
 
 @web.middleware

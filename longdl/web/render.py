@@ -104,8 +104,12 @@ def elapsed_s(job: Job, now: float) -> float:
 
 async def job_out(request: web.Request, job: Job) -> JobOut:
     """The full job resource, with a URL signed now when it is completed."""
-    now = time.time()
-    signed = await sign_result(request, job)
+    return resource(job, await sign_result(request, job))
+
+
+def resource(job: Job, signed: SignedUrl | None, now: float | None = None) -> JobOut:
+    """The job resource with ``signed`` as its download URL (None: no URL); no I/O."""
+    now = time.time() if now is None else now
     result = None
     if job.result:
         details: dict[str, Any] = job.result.get("details") or {}

@@ -3,30 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
+import json
 import logging
+import math
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import hdrs, web
+from yarl import URL
 
 import longdl
-from longdl import exceptions
+from longdl import exceptions, webhooks
 from longdl.handlers.download import source_key
 from longdl.models import (
     CheckOut,
     CheckRequest,
     HealthOut,
+    HistoryOut,
+    HistoryQuery,
+    InitiateOut,
     InitiateRequest,
     Job,
+    JobOut,
     JobStatus,
     Priority,
     ResultLinkOut,
     RootOut,
+    StartAcceptedOut,
+    StartOut,
+    StartRequest,
     utc_iso,
 )
-from longdl.web import keys, render
+from longdl.web import keys, policy, render
+from longdl.web.openapi import JOB_ID, Param, Resp, doc, problem
 from longdl.web.problems import HTTPProblem, dumps, read_json
 
 log = logging.getLogger("longdl.web")
@@ -34,6 +49,56 @@ log = logging.getLogger("longdl.web")
 HEALTH_CHECK_TIMEOUT_S = 2.0
 
 routes = web.RouteTableDef()
+
+#: Errors of every route that reads a JSON body.
+BODY_ERRORS: Mapping[int, Resp] = {
+    400: problem("Invalid JSON or a field out of its range; errors[] names the fields"),
+    413: problem("The body is larger than MAX_BODY_BYTES"),
+    415: problem("The body is not JSON"),
+}
+#: Errors of routes that create jobs.
+SUBMIT_ERRORS: Mapping[int, Resp] = {
+    **BODY_ERRORS,
+    422: problem("This Idempotency-Key was used with a different request"),
+    429: problem("Rate limited, or MAX_ACTIVE_PER_USER unfinished jobs", "Retry-After"),
+    503: problem("MAX_QUEUED jobs are waiting, or the service is shutting down", "Retry-After"),
+}
+NOT_FOUND = problem("No such job, or not the caller's")
+IDEMPOTENCY_KEY = Param(
+    "Idempotency-Key",
+    "header",
+    "Replays the same job for the same request within 24 h (scoped to the caller)",
+)
+PREFER = Param(
+    "Prefer", "header", "respond-async, or wait=N: wait up to N s (SYNC_WAIT_MAX_S at most)"
+)
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """What a ``Prefer`` header (RFC 7240) asks of us."""
+
+    respond_async: bool = False
+    wait_s: float | None = None
+
+
+def parse_prefer(values: list[str]) -> Preferences:
+    """Read ``respond-async`` and ``wait=N``; unknown or malformed preferences are ignored,
+    as RFC 7240 says they must be."""
+    respond_async = False
+    wait_s: float | None = None
+    for value in values:
+        for preference in value.split(","):
+            token, _, raw = preference.split(";")[0].partition("=")
+            name = token.strip().lower()
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait":
+                with contextlib.suppress(ValueError):
+                    seconds = float(raw.strip().strip('"'))
+                    if seconds >= 0 and math.isfinite(seconds):
+                        wait_s = seconds
+    return Preferences(respond_async, wait_s)
 
 
 def caller_of(request: web.Request) -> str:
@@ -67,6 +132,12 @@ async def visible_job(request: web.Request) -> Job:
 
 
 @routes.get("/")
+@doc(
+    "Service name, version and links",
+    tag="service",
+    v1=False,
+    responses={200: Resp("The service", RootOut)},
+)
 async def root(request: web.Request) -> web.Response:
     return json_response(
         RootOut(
@@ -94,6 +165,15 @@ async def _probe(check: object) -> str:
 
 
 @routes.get("/health")
+@doc(
+    "Storage and database health",
+    tag="service",
+    v1=False,
+    responses={
+        200: Resp("Healthy", HealthOut),
+        503: Resp("A check failed; it says error", HealthOut),
+    },
+)
 async def health(request: web.Request) -> web.Response:
     storage_state, database_state = await asyncio.gather(
         _probe(request.app[keys.STORAGE].check()), _probe(request.app[keys.STORE].ping())
@@ -108,6 +188,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/download/check")
+@doc(
+    "Whether a source file exists, and its size",
+    tag="downloads",
+    body=CheckRequest,
+    responses={200: Resp("Availability", CheckOut), **BODY_ERRORS},
+)
 async def check(request: web.Request) -> web.Response:
     body = CheckRequest.model_validate_json(await read_json(request))
     key = source_key(body.file_id)
@@ -136,43 +222,202 @@ def request_hash(body: InitiateRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
-    """Queue a download job for the caller; returns the job and whether it was replayed."""
-    idempotency_key = request.headers.get("Idempotency-Key") or body.clientRequestId
+async def submit_job(
+    request: web.Request,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    client_request_id: str | None = None,
+    request_hash: str = "",
+    priority: Priority = Priority.NORMAL,
+    user_id: str | None = None,
+    callback_url: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a job of any registered kind for the caller, as initiate does.
+
+    The caller's scope, limits, idempotency (``Idempotency-Key`` header, else
+    ``client_request_id``) and webhook rules apply. Returns the job and whether an
+    idempotency key replayed it. Applications adding their own job kinds call this from
+    their route and answer with :func:`accepted`.
+
+    Args:
+        request_hash: what identifies the request for idempotency (same key with a
+            different hash is a 422); hash the validated body.
+    """
+    await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
+    idempotency_key = request.headers.get("Idempotency-Key") or client_request_id
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPProblem(
             400, "Idempotency-Key must be 1 to 200 characters", code="VALIDATION_ERROR"
         )
     inserted = await request.app[keys.ENGINE].submit(
-        "download",
-        {"file_ids": body.unique_file_ids(), "strict": body.strict},
+        kind,
+        payload,
         owner=caller_of(request),
-        priority=Priority.from_name(body.priority),
-        user_id=body.userId,
-        client_request_id=body.clientRequestId,
-        callback_url=str(body.callbackUrl) if body.callbackUrl else None,
+        client=request[keys.CLIENT],
+        priority=priority,
+        user_id=user_id,
+        client_request_id=client_request_id,
+        callback_url=callback_url,
         idempotency_key=idempotency_key,
-        request_hash=request_hash(body),
+        request_hash=request_hash,
     )
     return inserted.job, inserted.replayed
 
 
-def accepted(job: Job, replayed: bool) -> web.Response:
+async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
+    """Queue a download job for the caller; returns the job and whether it was replayed."""
+    return await submit_job(
+        request,
+        "download",
+        {"file_ids": body.unique_file_ids(), "strict": body.strict},
+        client_request_id=body.clientRequestId,
+        request_hash=request_hash(body),
+        priority=Priority.from_name(body.priority),
+        user_id=body.userId,
+        callback_url=str(body.callbackUrl) if body.callbackUrl else None,
+    )
+
+
+def accepted(job: Job, replayed: bool = False) -> web.Response:
+    """The 202 initiate answers: the job's URLs, Location and Retry-After."""
     out = render.initiate_out(job)
+    return json_response(out, 202, accepted_headers(out, replayed))
+
+
+def accepted_headers(out: InitiateOut, replayed: bool) -> dict[str, str]:
     headers: dict[str, str] = {
         hdrs.LOCATION: out.statusUrl,
         hdrs.RETRY_AFTER: render.retry_after_s(out.nextPollInMs),
+        hdrs.VARY: "Prefer",
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(out, 202, headers)
+    return headers
+
+
+async def wait_if_preferred(
+    request: web.Request, job: Job, wait_s: float, prefs: Preferences
+) -> tuple[Job, dict[str, str]]:
+    """Wait up to ``wait_s`` (capped by SYNC_WAIT_MAX_S) for the job to finish.
+
+    Returns the job as it is then, and the Preference-Applied header to send.
+    """
+    if prefs.respond_async:
+        return job, {"Preference-Applied": "respond-async"}
+    wait_s = min(wait_s, request.app[keys.SETTINGS].sync_wait_max_s)
+    if wait_s > 0 and not job.status.finished:
+        job = await request.app[keys.ENGINE].wait_finished(job.id, wait_s) or job
+    applied = {"Preference-Applied": f"wait={wait_s:g}"} if prefs.wait_s is not None else {}
+    return job, applied
 
 
 @routes.post("/v1/download/initiate")
+@doc(
+    "Start a download job; answers at once",
+    tag="downloads",
+    body=InitiateRequest,
+    params=[IDEMPOTENCY_KEY, PREFER],
+    responses={
+        202: Resp(
+            "Queued (or replayed): poll statusUrl",
+            InitiateOut,
+            headers=("Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied"),
+        ),
+        200: Resp(
+            "Prefer: wait=N and the job finished in time", JobOut, headers=("Preference-Applied",)
+        ),
+        **SUBMIT_ERRORS,
+    },
+)
 async def initiate(request: web.Request) -> web.Response:
     body = InitiateRequest.model_validate_json(await read_json(request))
+    prefs = parse_prefer(request.headers.getall("Prefer", []))
     job, replayed = await submit_download(request, body)
-    return accepted(job, replayed)
+    job, applied = await wait_if_preferred(request, job, prefs.wait_s or 0.0, prefs)
+    if prefs.wait_s is not None and not prefs.respond_async and job.status.finished:
+        response = await job_response(request, job)
+        response.headers.update({hdrs.VARY: "Prefer", **applied})
+        return response
+    response = accepted(job, replayed)
+    response.headers.update(applied)
+    return response
+
+
+@routes.post("/v1/download/start")
+@doc(
+    "The original synchronous download, safe behind proxies",
+    tag="downloads",
+    description=(
+        "Local callers (loopback or an Origin in SYNC_ORIGINS, and no forwarding header) "
+        "wait and get the original shape; everyone else gets 202 and a URL to poll."
+    ),
+    body=StartRequest,
+    params=[IDEMPOTENCY_KEY, PREFER],
+    responses={
+        200: Resp("Finished (original shape)", StartOut, headers=("Preference-Applied",)),
+        202: Resp(
+            "Still running, or a remote caller: poll pollingEndpoint",
+            StartAcceptedOut,
+            headers=("Location", "Retry-After", "Preference-Applied"),
+        ),
+        **SUBMIT_ERRORS,
+    },
+)
+async def start(request: web.Request) -> web.Response:
+    """The original synchronous endpoint, made safe behind proxies (DESIGN.md §3).
+
+    Local callers wait (up to SYNC_WAIT_MAX_S) and get the original answer; everyone
+    else gets 202 and a URL to poll, unless they ask to wait with ``Prefer: wait=N``.
+    """
+    body = StartRequest.model_validate_json(await read_json(request))
+    settings = request.app[keys.SETTINGS]
+    prefs = parse_prefer(request.headers.getall("Prefer", []))
+    local = policy.is_local_caller(request, settings.sync_origins)
+    job, replayed = await submit_download(request, InitiateRequest(file_id=body.file_id))
+    wait_s = (
+        prefs.wait_s if prefs.wait_s is not None else (settings.sync_wait_max_s if local else 0)
+    )
+    job, applied = await wait_if_preferred(request, job, wait_s, prefs)
+    headers = {hdrs.VARY: "Prefer", **applied}
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+        return json_response(await start_out(request, body.file_id, job), headers=headers)
+    initiated = render.initiate_out(job)
+    out = StartAcceptedOut(
+        **initiated.model_dump(),
+        file_id=body.file_id,
+        pollingEndpoint=initiated.statusUrl,
+        message="Preparing the download; poll pollingEndpoint until it is completed",
+    )
+    return json_response(out, 202, {**accepted_headers(out, replayed), **headers})
+
+
+async def start_out(request: web.Request, file_id: int, job: Job) -> StartOut:
+    """A finished job in the original service's shape, with an absolute download URL."""
+    signed = await render.sign_result(request, job)
+    finished_at = job.finished_at or job.updated_at
+    processing_ms = int(max(0.0, finished_at - job.created_at) * 1000)
+    if signed is None or job.result is None:
+        error = job.error or {}
+        return StartOut(
+            file_id=file_id,
+            status="failed",
+            downloadUrl=None,
+            size=None,
+            processingTimeMs=processing_ms,
+            message=str(error.get("message", f"The download {job.status.value}")),
+        )
+    url = signed.url
+    if url.startswith("/"):
+        url = str(request.url.origin().join(URL(url, encoded=True)))
+    return StartOut(
+        file_id=file_id,
+        status="completed",
+        downloadUrl=url,
+        size=job.result["size_bytes"],
+        processingTimeMs=processing_ms,
+        message="Download ready",
+    )
 
 
 def _wait_s(request: web.Request) -> float:
@@ -197,6 +442,26 @@ async def job_response(request: web.Request, job: Job, status: int = 200) -> web
 
 
 @routes.get("/v1/download/status/{job_id}")
+@doc(
+    "The job, with progress; long-poll with ?wait=",
+    tag="downloads",
+    params=[
+        JOB_ID,
+        Param(
+            "wait",
+            "query",
+            "Long-poll: answer when the job changes, at most LONG_POLL_MAX_S",
+            {"type": "number", "minimum": 0},
+        ),
+        Param("If-None-Match", "header", "ETag of the last answer: 304 when unchanged"),
+    ],
+    responses={
+        200: Resp("The job", JobOut, headers=("ETag", "Retry-After")),
+        304: Resp("Unchanged since If-None-Match", headers=("ETag", "Retry-After")),
+        400: problem("A bad wait"),
+        404: NOT_FOUND,
+    },
+)
 async def status(request: web.Request) -> web.StreamResponse:
     engine = request.app[keys.ENGINE]
     wait_s = _wait_s(request)
@@ -205,7 +470,7 @@ async def status(request: web.Request) -> web.StreamResponse:
     job = await visible_job(request)
     tag = render.etag(job)
     client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
-    if wait_s > 0 and not job.status.finished and client_tag in (None, tag):
+    if wait_s > 0 and not job.status.finished and not engine.stopping and client_tag in (None, tag):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await changed.wait()
@@ -220,7 +485,99 @@ async def status(request: web.Request) -> web.StreamResponse:
     return await job_response(request, job)
 
 
+def encode_cursor(job: Job) -> str:
+    """An opaque cursor pointing just after ``job`` in newest-first order."""
+    raw = json.dumps([job.created_at, job.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) a cursor points after; 400 for anything we did not mint."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return float(created_at), str(uuid.UUID(job_id))
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise HTTPProblem(
+            400, "cursor is not one this service issued", code="VALIDATION_ERROR"
+        ) from exc
+
+
+def history_query(request: web.Request) -> HistoryQuery:
+    """Parse the history query; ``status`` may be repeated or comma-separated."""
+    query = request.query
+    unknown = set(query) - set(HistoryQuery.model_fields)
+    data: dict[str, object] = {k: v for k, v in query.items() if k != "status"}
+    data["status"] = [s for value in query.getall("status", []) for s in value.split(",") if s]
+    for name in unknown:
+        data[name] = query[name]
+    return HistoryQuery.model_validate(data)
+
+
+# Registered before /v1/download/{job_id}, which would otherwise take "history" as an id.
+@routes.get("/v1/download/history")
+@doc(
+    "The caller's jobs, newest first",
+    tag="downloads",
+    params=[
+        Param("userId", "query", "Only this user's jobs"),
+        Param(
+            "status",
+            "query",
+            "Only these statuses; repeat or comma-separate",
+            {"type": "string"},
+        ),
+        Param("limit", "query", "Page size", {"type": "integer", "minimum": 1, "maximum": 100}),
+        Param("cursor", "query", "nextCursor of the previous page"),
+    ],
+    responses={
+        200: Resp("A page of jobs", HistoryOut),
+        400: problem("A bad parameter (unknown ones included)"),
+    },
+)
+async def history(request: web.Request) -> web.Response:
+    params = history_query(request)
+    before = decode_cursor(params.cursor) if params.cursor else None
+    jobs = await request.app[keys.STORE].list_jobs(
+        owner=caller_of(request),
+        user_id=params.userId,
+        statuses=params.status,
+        limit=params.limit + 1,
+        before=before,
+    )
+    page = jobs[: params.limit]
+    engine = request.app[keys.ENGINE]
+    # Rows of running jobs lag behind their in-memory progress; show the live state.
+    live = [await engine.get(job.id) or job for job in page]
+    next_cursor = encode_cursor(page[-1]) if len(jobs) > params.limit else None
+    out = HistoryOut(
+        items=[await render.job_out(request, job) for job in live], nextCursor=next_cursor
+    )
+    return json_response(out, headers={hdrs.CACHE_CONTROL: "no-cache"})
+
+
 @routes.get("/v1/download/{job_id}")
+@doc(
+    "The result: a redirect to a fresh signed URL once completed",
+    tag="downloads",
+    params=[
+        JOB_ID,
+        Param(
+            "redirect",
+            "query",
+            "false: answer the URL as JSON instead of redirecting",
+            {"type": "boolean"},
+        ),
+    ],
+    responses={
+        302: Resp("Completed: go to the signed URL", headers=("Location",)),
+        200: Resp("Completed, with redirect=false", ResultLinkOut),
+        202: Resp("Not finished yet: poll again", JobOut, headers=("Retry-After",)),
+        404: NOT_FOUND,
+        409: problem("Failed or canceled: the job's error"),
+        410: problem("Expired: the result was deleted"),
+    },
+)
 async def result(request: web.Request) -> web.StreamResponse:
     job = await visible_job(request)
     if job.status is JobStatus.COMPLETED:
@@ -250,17 +607,19 @@ async def result(request: web.Request) -> web.StreamResponse:
     return await job_response(request, job, 202)
 
 
-async def _cancel(request: web.Request) -> web.Response:
+@routes.post("/v1/download/cancel/{job_id}")
+@routes.delete("/v1/download/{job_id}")
+@doc(
+    "Cancel a queued or running job (POST .../cancel/{job_id} or DELETE .../{job_id})",
+    tag="downloads",
+    params=[JOB_ID],
+    responses={
+        200: Resp("Canceled", JobOut),
+        404: NOT_FOUND,
+        409: problem("Already finished"),
+    },
+)
+async def cancel(request: web.Request) -> web.Response:
     job = await visible_job(request)
     canceled = await request.app[keys.ENGINE].cancel(job.id)
     return await job_response(request, canceled)
-
-
-@routes.post("/v1/download/cancel/{job_id}")
-async def cancel(request: web.Request) -> web.Response:
-    return await _cancel(request)
-
-
-@routes.delete("/v1/download/{job_id}")
-async def delete(request: web.Request) -> web.Response:
-    return await _cancel(request)

@@ -1,0 +1,197 @@
+"""``GET /v1/download/{jobId}/events``: live job state as Server-Sent Events.
+
+The stream, in order:
+
+- ``retry: 1000`` so browsers reconnect a second after the stream ends;
+- ``event: snapshot``: the full job resource (the body of ``GET /v1/download/status/{id}``);
+- ``event: progress`` when the job changed but kept its status, ``event: status`` when its
+  status changed; every event's ``data`` is the full job resource, so a client keeps only
+  the last one (state is a snapshot stream: a missed intermediate event loses nothing);
+- ``: ping`` comments whenever the stream was quiet for ``SSE_HEARTBEAT_S`` (at most 15 s),
+  so proxies do not drop it as idle;
+- the terminal event: the ``status`` event (or the ``snapshot``, if the job had already
+  finished) whose job has a finished status (``completed``, ``failed``, ``canceled``,
+  ``expired``). The server closes the stream right after it; a client closes its
+  ``EventSource`` when it sees a finished status, or the browser would reconnect.
+
+No stream lives longer than ``SSE_MAX_S`` (default 50 s, under every proxy's limit): the
+server ends it and the client reconnects with ``Last-Event-ID``.
+
+Event ids are the job's ``updated_at`` in integer microseconds, bumped by one when needed
+so they strictly increase within a stream. ``updated_at`` is stored in SQLite, so ids keep
+increasing across reconnects and service restarts. On reconnect, the ``Last-Event-ID``
+header (or ``?lastEventId=`` for clients that cannot set headers) is compared with the
+current state's id: when it is at least as large the client already holds this state and
+the snapshot is skipped; otherwise the current snapshot is sent. A finished job always
+gets its snapshot, so a client that reconnects after the end still learns the outcome.
+
+Wake-ups come from the engine's change hub, never from a polling loop; running jobs are
+read from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+
+from aiohttp import hdrs, web
+
+from longdl import exceptions
+from longdl.models import Job, JobStatus
+from longdl.web import keys, problems, render
+from longdl.web import routes as api
+from longdl.web.openapi import JOB_ID, Param, Resp, doc
+from longdl.web.openapi import problem as problems_doc
+
+#: Reconnection delay the stream asks clients for.
+RECONNECT_MS = 1000
+#: Set when the app shuts down: streams end so they do not hold the shutdown up.
+CLOSING = web.AppKey("sse_closing", asyncio.Event)
+
+_EVENT_ID = re.compile(r"^[0-9]{1,19}$")
+
+routes = web.RouteTableDef()
+
+
+def setup(app: web.Application) -> None:
+    """Add the events route and end open streams when the app shuts down."""
+    app[CLOSING] = asyncio.Event()
+
+    async def close_streams(app: web.Application) -> None:
+        app[CLOSING].set()
+
+    app.on_shutdown.append(close_streams)
+    app.router.add_routes(routes)
+
+
+def event_id(job: Job) -> int:
+    """The id of the job's current state: ``updated_at`` in integer microseconds."""
+    return int(job.updated_at * 1_000_000)
+
+
+def last_event_id(request: web.Request) -> int | None:
+    """The id the client last saw (header first, then ``?lastEventId=``), or None.
+
+    Raises:
+        HTTPProblem: the id is not one this service hands out.
+    """
+    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or ""
+    raw = raw.strip()
+    if not raw:
+        return None
+    if not _EVENT_ID.match(raw):
+        raise problems.HTTPProblem(
+            400, "Last-Event-ID must be an event id this stream sent", code="VALIDATION_ERROR"
+        )
+    return int(raw)
+
+
+def frame(event: str, event_id: int, data: str) -> bytes:
+    """One SSE message; ``data`` is compact JSON, so it holds no line breaks."""
+    return f"event: {event}\nid: {event_id}\ndata: {data}\n\n".encode()
+
+
+class _Stream:
+    """Writes one client's events, keeping ids strictly increasing."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, last_id: int) -> None:
+        self.request = request
+        self.response = response
+        self.last_id = last_id
+
+    async def send(self, event: str, job: Job) -> None:
+        self.last_id = max(self.last_id + 1, event_id(job))
+        out = await render.job_out(self.request, job)
+        await self.response.write(frame(event, self.last_id, out.model_dump_json()))
+
+    async def ping(self) -> None:
+        await self.response.write(b": ping\n\n")
+
+
+async def _wait_change(changed: asyncio.Event, closing: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for the job to change; False on timeout or when the app is closing."""
+    if closing.is_set():
+        return False
+    waiters = {
+        asyncio.ensure_future(changed.wait()),
+        asyncio.ensure_future(closing.wait()),
+    }
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return changed.is_set() and not closing.is_set()
+
+
+@routes.get("/v1/download/{job_id}/events")
+@doc(
+    "Live job state as Server-Sent Events",
+    tag="downloads",
+    description=(
+        "A snapshot event first, then progress / status events (each carrying the job "
+        "resource) with increasing ids; heartbeats while idle; the stream ends after the "
+        "finished status, or after SSE_MAX_S (reconnect with Last-Event-ID)."
+    ),
+    params=[
+        JOB_ID,
+        Param("Last-Event-ID", "header", "Resume: the id of the last event received"),
+        Param("lastEventId", "query", "Resume, for clients that cannot set headers"),
+    ],
+    responses={
+        200: Resp("The event stream", media="text/event-stream", schema={"type": "string"}),
+        400: problems_doc("A Last-Event-ID this stream never sent"),
+        404: problems_doc("No such job, or not the caller's"),
+    },
+)
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Stream the job's state until it finishes, the lifetime cap, or the client leaves."""
+    app = request.app
+    engine = app[keys.ENGINE]
+    settings = app[keys.SETTINGS]
+    closing = app[CLOSING]
+    loop = asyncio.get_running_loop()
+    ends_at = loop.time() + settings.sse_max_s
+    seen_id = last_event_id(request)
+    job_id = request.match_info["job_id"]
+    # Take the change event before reading, so a change in between is not missed.
+    changed = engine.hub.event(job_id)
+    job = await api.visible_job(request)
+
+    response = web.StreamResponse(
+        headers={
+            hdrs.CONTENT_TYPE: "text/event-stream",
+            hdrs.CACHE_CONTROL: "no-cache, no-transform",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    stream = _Stream(request, response, seen_id or 0)
+    with contextlib.suppress(ConnectionError):
+        await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
+        if job.status.finished or seen_id is None or seen_id < event_id(job):
+            await stream.send("snapshot", job)
+        last_status: JobStatus = job.status
+        last_tag = render.etag(job)
+        while not job.status.finished:
+            remaining_s = ends_at - loop.time()
+            if remaining_s <= 0 or closing.is_set():
+                break
+            if not await _wait_change(changed, closing, min(settings.sse_heartbeat_s, remaining_s)):
+                if not closing.is_set() and loop.time() < ends_at:
+                    await stream.ping()
+                continue
+            changed = engine.hub.event(job_id)
+            try:
+                job = await api.visible_job(request)
+            except exceptions.JobNotFound:
+                break  # purged while we watched: nothing more will happen
+            tag = render.etag(job)
+            if tag == last_tag:
+                continue  # woken, but nothing a client sees changed
+            await stream.send("status" if job.status is not last_status else "progress", job)
+            last_status, last_tag = job.status, tag
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+    return response

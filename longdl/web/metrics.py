@@ -1,0 +1,159 @@
+"""``GET /metrics`` in the Prometheus text format, from a registry owned by the app.
+
+- ``longdl_jobs{status}``: jobs in the store by status (read at scrape time);
+- ``longdl_queue_depth``: queued jobs; ``longdl_jobs_running``: attempts running now;
+- ``longdl_job_duration_seconds{kind,status}``: first start to final status;
+- ``longdl_job_queue_wait_seconds{kind}``: creation to first start;
+- ``longdl_http_request_duration_seconds{method,route,status}``: by route template, so
+  ids in URLs cannot blow up the label count;
+- ``longdl_webhook_deliveries_total{outcome}``: from the webhook worker, when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from longdl.models import Job, JobStatus
+from longdl.web import keys
+from longdl.web.openapi import Resp, doc
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Buckets for jobs: seconds to many minutes.
+JOB_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """The app's metrics and their registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.jobs = Gauge(
+            "longdl_jobs", "Jobs in the store by status", ["status"], registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "longdl_queue_depth", "Jobs waiting for a worker slot", registry=self.registry
+        )
+        self.running = Gauge(
+            "longdl_jobs_running", "Job attempts running now", registry=self.registry
+        )
+        self.job_duration = Histogram(
+            "longdl_job_duration_seconds",
+            "Time from a job's first start to its final status",
+            ["kind", "status"],
+            buckets=JOB_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "longdl_job_queue_wait_seconds",
+            "Time from a job's creation to its first start",
+            ["kind"],
+            buckets=JOB_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "longdl_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        # The listener sees every change of a running job; these got their wait observed.
+        self._started: set[str] = set()
+
+    def on_job_change(self, job: Job) -> None:
+        """Engine change listener: observe a job's queue wait and its duration."""
+        if job.status is JobStatus.RUNNING and job.attempts == 1 and job.started_at:
+            if job.id not in self._started:
+                self._started.add(job.id)
+                wait_s = max(0.0, job.started_at - job.created_at)
+                self.queue_wait.labels(job.kind).observe(wait_s)
+        elif job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+            self._started.discard(job.id)
+            began = job.started_at or job.created_at
+            end = job.finished_at or job.updated_at
+            self.job_duration.labels(job.kind, job.status.value).observe(max(0.0, end - began))
+
+
+class WebhookCollector(Collector):
+    """Delivery counters read from the webhook worker's stats at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        from longdl import webhooks
+
+        worker = self.app.get(webhooks.WORKER)
+        if worker is None:
+            return
+        family = CounterMetricFamily(
+            "longdl_webhook_deliveries", "Webhook delivery attempts by outcome", labels=["outcome"]
+        )
+        for outcome, count in dataclasses.asdict(worker.stats).items():
+            family.add_metric([outcome], count)
+        yield family
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time every request; the status is the one the client got (problems included)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[METRICS].http_duration.labels(
+            request.method, route_label(request), str(status)
+        ).observe(time.perf_counter() - started)
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/metrics")
+@doc(
+    "Prometheus metrics",
+    tag="service",
+    v1=False,
+    responses={200: Resp("Prometheus text format", media="text/plain", schema={"type": "string"})},
+)
+async def metrics(request: web.Request) -> web.Response:
+    app_metrics = request.app[METRICS]
+    counts = await request.app[keys.STORE].count_by_status()
+    for status, count in counts.items():
+        app_metrics.jobs.labels(status.value).set(count)
+    app_metrics.queue_depth.set(counts[JobStatus.QUEUED])
+    app_metrics.running.set(request.app[keys.ENGINE].running_count)
+    return web.Response(
+        body=generate_latest(app_metrics.registry),
+        headers={"Content-Type": PROMETHEUS_TEXT, "Cache-Control": "no-store"},
+    )
+
+
+def install(app: web.Application) -> None:
+    """Create the app's metrics; the engine listener is attached once the engine exists."""
+    app_metrics = Metrics()
+    app[METRICS] = app_metrics
+    app_metrics.registry.register(WebhookCollector(app))
+    app.router.add_routes(routes)
