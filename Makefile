@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run seed test lint typecheck clean
+.PHONY: install run seed test lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,8 +27,8 @@ run: seed
 	$(BIN)/longdl serve
 
 lint: install
-	$(BIN)/ruff check longdl tests examples
-	$(BIN)/ruff format --check longdl tests examples
+	$(BIN)/ruff check longdl tests examples bench
+	$(BIN)/ruff format --check longdl tests examples bench
 
 # longdl/, then each example folder on its own (both have an app.py).
 typecheck: install
@@ -38,6 +38,10 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Measurements, not pass/fail tests: each prints its figures (see bench/__init__.py).
+bench: install
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) longdl-data .pytest_cache .mypy_cache .ruff_cache

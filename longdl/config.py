@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     #: Which storage backend keeps source files and bundles.
-    storage_backend: Literal["local"] = "local"
+    storage_backend: Literal["local", "s3"] = "local"
     #: HMAC secret for local signed URLs; generated once into DATA_DIR when unset.
     signing_secret: str | None = None
     #: Lifetime of a signed download URL.
@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     s3_create_bucket: bool = True
     #: Multipart upload part size for bundles (S3 minimum is 5 MiB).
     s3_part_size_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    #: TCP connect timeout of one S3 request.
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    #: Idle read timeout of one S3 request.
+    s3_read_timeout_s: float = Field(default=30.0, gt=0)
 
     #: Jobs run at once.
     worker_concurrency: int = Field(default=4, ge=1, le=256)

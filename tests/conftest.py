@@ -129,3 +129,7 @@ async def finished(
         return body if body["status"] in ("completed", "failed", "canceled", "expired") else None
 
     return await wait_for(probe, timeout_s)
+
+
+# A real S3 server (SeaweedFS) for the tests that ask for it; started once per session.
+from s3server import make_s3_storage, s3_storage, seaweed  # noqa: E402, F401

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from longdl.config import Settings
-from longdl.storage.base import ObjectInfo, SignedUrl, Storage, validate_key
+from longdl.storage.base import ObjectInfo, SignedUrl, Storage, content_disposition, validate_key
 from longdl.storage.local import LocalStorage, load_or_create_secret
 
 
 def from_settings(settings: Settings) -> Storage:
     """The backend ``settings.storage_backend`` names, not yet opened."""
+    if settings.storage_backend == "s3":
+        # Imported here so the local backend never pays for loading botocore.
+        from longdl.storage.s3 import S3Storage
+
+        backend: Storage = S3Storage.from_settings(settings)
+        return backend
     secret = (
         settings.signing_secret.encode()
         if settings.signing_secret
@@ -22,6 +28,7 @@ __all__ = [
     "ObjectInfo",
     "SignedUrl",
     "Storage",
+    "content_disposition",
     "from_settings",
     "validate_key",
 ]

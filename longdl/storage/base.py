@@ -6,6 +6,7 @@ import abc
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from longdl import exceptions
 
@@ -26,6 +27,15 @@ def validate_key(key: str) -> str:
         if not _KEY_SEGMENT.match(segment) or segment.startswith("."):
             raise exceptions.ObjectNotFound(key)
     return key
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header safe for any filename (RFC 6266 with RFC 5987 fallback).
+
+    Storage needs it too: S3 URLs carry it, signed, as ``response-content-disposition``.
+    """
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
 @dataclass(frozen=True)

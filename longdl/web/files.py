@@ -4,23 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
 from longdl import exceptions
+from longdl.storage.base import content_disposition
 from longdl.web import keys
 from longdl.web.openapi import Param, Resp, doc, problem
 from longdl.web.problems import HTTPProblem
 
 routes = web.RouteTableDef()
 FILE_MEDIA = ("application/zip", "application/octet-stream")
-
-
-def content_disposition(filename: str) -> str:
-    """An attachment header safe for any filename (RFC 6266 with RFC 5987 fallback)."""
-    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "")
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
 @routes.get("/files/{key:.+}")
