@@ -433,9 +433,15 @@ def _wait_s(request: web.Request) -> float:
     return min(wait_s, request.app[keys.SETTINGS].long_poll_max_s)
 
 
-async def job_response(request: web.Request, job: Job, status: int = 200) -> web.Response:
+async def job_response(
+    request: web.Request, job: Job, status: int = 200, *, tag: str | None = None
+) -> web.Response:
+    """The job resource with its validator and poll hints (``tag``: its ETag, if known)."""
     out = await render.job_out(request, job)
-    headers: dict[str, str] = {hdrs.ETAG: render.etag(job), hdrs.CACHE_CONTROL: "no-cache"}
+    headers: dict[str, str] = {
+        hdrs.ETAG: tag or render.etag(job),
+        hdrs.CACHE_CONTROL: "no-cache",
+    }
     if out.nextPollInMs is not None:
         headers[hdrs.RETRY_AFTER] = render.retry_after_s(out.nextPollInMs)
     return json_response(out, status, headers)
@@ -482,7 +488,7 @@ async def status(request: web.Request) -> web.StreamResponse:
         if poll_ms is not None:
             headers[hdrs.RETRY_AFTER] = render.retry_after_s(poll_ms)
         return web.Response(status=304, headers=headers)
-    return await job_response(request, job)
+    return await job_response(request, job, tag=tag)
 
 
 def encode_cursor(job: Job) -> str:
@@ -593,7 +599,9 @@ async def result(request: web.Request) -> web.StreamResponse:
                 ),
                 headers={hdrs.CACHE_CONTROL: "no-store"},
             )
-        raise web.HTTPFound(signed.url, headers={hdrs.CACHE_CONTROL: "no-store"})
+        # encoded=True: a presigned URL must reach the client byte for byte, or its
+        # signature may not match what S3 computes.
+        raise web.HTTPFound(URL(signed.url, encoded=True), headers={hdrs.CACHE_CONTROL: "no-store"})
     if job.status is JobStatus.EXPIRED:
         raise HTTPProblem(410, "The job's result expired and was deleted", code="JOB_EXPIRED")
     if job.status.finished:
