@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 
 #: Benchmark modules, run in this order.
-BENCHMARKS = ("bench.poll_throughput", "bench.bundle_memory")
+BENCHMARKS = ("bench.poll_throughput", "bench.idle_connections", "bench.bundle_memory")
 
 
 def main(argv: Sequence[str]) -> int:
