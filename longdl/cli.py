@@ -97,11 +97,10 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def cmd_serve(settings: Settings) -> int:
-    from longdl.app import create_app
-
+def run(app: web.Application, settings: Settings) -> None:
+    """Serve ``app`` as ``longdl serve`` does (logging, SIGTERM handling, shutdown grace);
+    applications with their own job kinds serve their app with this too."""
     _configure_logging(settings.log_level)
-    app = create_app(settings)
     web.run_app(
         app,
         host=settings.host,
@@ -110,6 +109,12 @@ def cmd_serve(settings: Settings) -> int:
         access_log=None,
         print=lambda text: logging.getLogger("longdl").info("%s", text.strip().replace("\n", " ")),
     )
+
+
+def cmd_serve(settings: Settings) -> int:
+    from longdl.app import create_app
+
+    run(create_app(settings), settings)
     return 0
 
 

@@ -200,6 +200,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # HTTP-dates are GMT; a date without a zone is malformed
+        return None
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
 

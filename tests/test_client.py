@@ -104,6 +104,7 @@ def test_retry_after_takes_seconds_or_a_date() -> None:
     assert 7.0 == api.parse_retry_after("7")
     assert 30.0 == api.parse_retry_after("Thu, 01 Jan 1970 00:01:00 GMT", now=30.0)
     assert api.parse_retry_after("soon") is None
+    assert api.parse_retry_after("Thu, 01 Jan 1970 00:01:00") is None  # no zone
 
 
 # --- a real app, instrumented ----------------------------------------------------------

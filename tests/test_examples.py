@@ -420,17 +420,6 @@ async def test_polls_wait_as_long_as_retry_after_says(
     assert 2 <= len(operation.polled_at)
 
 
-def test_retry_after_reads_seconds_and_http_dates() -> None:
-    """Retry-After is understood as delay-seconds or an HTTP-date; anything else is None."""
-    now = 1_445_412_450.0  # 30 s before Wed, 21 Oct 2015 07:28:00 GMT
-    assert [120.0, 30.0, None, None] == [
-        slow.retry_after_s("120", now=now),
-        slow.retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=now),
-        slow.retry_after_s("soon", now=now),
-        slow.retry_after_s(None, now=now),
-    ]
-
-
 # --- documentation of the examples' routes --------------------------------------------
 
 

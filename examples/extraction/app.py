@@ -42,11 +42,11 @@ import aiosqlite
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from longdl import exceptions
+from longdl import cli, exceptions
 from longdl.app import create_app
 from longdl.config import Settings
 from longdl.engine import Artifact, JobContext
-from longdl.models import InitiateOut, ProblemFieldError
+from longdl.models import ProblemFieldError
 from longdl.storage import Storage
 from longdl.web import openapi, problems, routes
 
@@ -324,14 +324,7 @@ def request_hash(body: ExportRequest) -> str:
     ),
     body=ExportRequest,
     params=[routes.IDEMPOTENCY_KEY],
-    responses={
-        202: openapi.Resp(
-            "Queued (or replayed): poll statusUrl",
-            InitiateOut,
-            headers=("Location", "Retry-After", "Idempotent-Replayed"),
-        ),
-        **routes.SUBMIT_ERRORS,
-    },
+    responses=routes.ACCEPTED,
 )
 async def create_export(request: web.Request) -> web.Response:
     """``POST /v1/exports``: validate against the database, then queue the job."""
@@ -440,13 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
     settings = Settings()
     app = build_app(Exporter(args.db, tables=tables), settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_grace_s + 5,
-        access_log=None,
-    )
+    cli.run(app, settings)
     return 0
 
 

@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import email.utils
 import hashlib
 import json
 import logging
 import sys
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Literal
 
@@ -40,11 +38,12 @@ from aiohttp import hdrs, web
 from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
-from longdl import exceptions
+from longdl import cli, exceptions
 from longdl.app import create_app
+from longdl.client import parse_retry_after
 from longdl.config import Settings
 from longdl.engine import Artifact, JobContext
-from longdl.models import InitiateOut, JobStatus
+from longdl.models import JobStatus
 from longdl.storage import Storage
 from longdl.web import openapi, problems, routes
 
@@ -79,25 +78,6 @@ class UpstreamOperation(BaseModel):
     status: Literal["running", "done", "failed", "canceled"]
     progress: float = Field(default=0.0, ge=0, le=100)
     error: str | None = None
-
-
-def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """Seconds a ``Retry-After`` value asks to wait (delay-seconds or an HTTP-date).
-
-    Returns None when the header is absent or malformed.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # HTTP-dates are GMT; anything else is malformed
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def is_transient(status: int) -> bool:
@@ -169,7 +149,7 @@ class ReportJobs:
 
     def poll_delay_s(self, retry_after: str | None) -> float:
         """How long to wait before the next poll: Retry-After, within our bounds."""
-        asked_s = retry_after_s(retry_after) or 0.0
+        asked_s = parse_retry_after(retry_after) or 0.0
         return min(self.max_poll_s, max(self.min_poll_s, asked_s))
 
     async def run(self, ctx: JobContext) -> Artifact:
@@ -320,14 +300,7 @@ def request_hash(body: ReportRequest) -> str:
     ),
     body=ReportRequest,
     params=[routes.IDEMPOTENCY_KEY],
-    responses={
-        202: openapi.Resp(
-            "Queued (or replayed): poll statusUrl",
-            InitiateOut,
-            headers=("Location", "Retry-After", "Idempotent-Replayed"),
-        ),
-        **routes.SUBMIT_ERRORS,
-    },
+    responses=routes.ACCEPTED,
 )
 async def create_report(request: web.Request) -> web.Response:
     """``POST /v1/reports``: queue a report job."""
@@ -379,13 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # First in, last out: the upstream outlives the jobs that poll it.
         app.cleanup_ctx.insert(0, demo_upstream)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_grace_s + 5,
-        access_log=None,
-    )
+    cli.run(app, settings)
     return 0
 
 

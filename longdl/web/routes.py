@@ -63,6 +63,16 @@ SUBMIT_ERRORS: Mapping[int, Resp] = {
     429: problem("Rate limited, or MAX_ACTIVE_PER_USER unfinished jobs", "Retry-After"),
     503: problem("MAX_QUEUED jobs are waiting, or the service is shutting down", "Retry-After"),
 }
+#: The answers of a route that queues a job with submit_job and answers accepted():
+#: applications' own job routes document themselves with these.
+ACCEPTED: Mapping[int, Resp] = {
+    202: Resp(
+        "Queued (or replayed): poll statusUrl",
+        InitiateOut,
+        headers=("Location", "Retry-After", "Idempotent-Replayed"),
+    ),
+    **SUBMIT_ERRORS,
+}
 NOT_FOUND = problem("No such job, or not the caller's")
 IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
