@@ -46,8 +46,6 @@ from longdl.web.openapi import problem as problems_doc
 
 #: Reconnection delay the stream asks clients for.
 RECONNECT_MS = 1000
-#: Set when the app shuts down: streams end so they do not hold the shutdown up.
-CLOSING = web.AppKey("sse_closing", asyncio.Event)
 
 _EVENT_ID = re.compile(r"^[0-9]{1,19}$")
 
@@ -55,13 +53,8 @@ routes = web.RouteTableDef()
 
 
 def setup(app: web.Application) -> None:
-    """Add the events route and end open streams when the app shuts down."""
-    app[CLOSING] = asyncio.Event()
-
-    async def close_streams(app: web.Application) -> None:
-        app[CLOSING].set()
-
-    app.on_shutdown.append(close_streams)
+    """Add the events route. At shutdown the engine's drain wakes every stream and
+    ``engine.stopping`` ends it, so open streams never hold the shutdown up."""
     app.router.add_routes(routes)
 
 
@@ -109,20 +102,12 @@ class _Stream:
         await self.response.write(b": ping\n\n")
 
 
-async def _wait_change(changed: asyncio.Event, closing: asyncio.Event, timeout_s: float) -> bool:
-    """Wait for the job to change; False on timeout or when the app is closing."""
-    if closing.is_set():
-        return False
-    waiters = {
-        asyncio.ensure_future(changed.wait()),
-        asyncio.ensure_future(closing.wait()),
-    }
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    return changed.is_set() and not closing.is_set()
+async def _changed_within(changed: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for the job's next change (or the engine's drain)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await changed.wait()
+    return changed.is_set()
 
 
 @routes.get("/v1/download/{job_id}/events")
@@ -150,7 +135,6 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     app = request.app
     engine = app[keys.ENGINE]
     settings = app[keys.SETTINGS]
-    closing = app[CLOSING]
     loop = asyncio.get_running_loop()
     ends_at = loop.time() + settings.sse_max_s
     seen_id = last_event_id(request)
@@ -176,10 +160,10 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         last_tag = render.etag(job)
         while not job.status.finished:
             remaining_s = ends_at - loop.time()
-            if remaining_s <= 0 or closing.is_set():
+            if remaining_s <= 0 or engine.stopping:
                 break
-            if not await _wait_change(changed, closing, min(settings.sse_heartbeat_s, remaining_s)):
-                if not closing.is_set() and loop.time() < ends_at:
+            if not await _changed_within(changed, min(settings.sse_heartbeat_s, remaining_s)):
+                if loop.time() < ends_at:
                     await stream.ping()
                 continue
             changed = engine.hub.event(job_id)
