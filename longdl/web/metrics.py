@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from longdl.models import Job, JobStatus
-from longdl.web import keys
+from longdl.web import keys, policy
 from longdl.web.openapi import Resp, doc
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -105,11 +105,6 @@ class WebhookCollector(Collector):
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def route_label(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request; the status is the one the client got (problems included)."""
@@ -124,7 +119,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         request.app[METRICS].http_duration.labels(
-            request.method, route_label(request), str(status)
+            request.method, policy.route_template(request) or "unmatched", str(status)
         ).observe(time.perf_counter() - started)
 
 

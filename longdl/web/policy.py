@@ -238,9 +238,11 @@ def _is_api(request: web.Request) -> bool:
     return request.path.startswith("/v1/")
 
 
-def _route(request: web.Request) -> str:
+def route_template(request: web.Request) -> str | None:
+    """The matched route's template (``/v1/download/status/{job_id}``); None if no route
+    matched. Limits, deadlines and metrics key on it, never on the raw path."""
     resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else ""
+    return resource.canonical if resource is not None else None
 
 
 @web.middleware
@@ -294,7 +296,7 @@ async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse
     """Cut any non-streaming request at REQUEST_TIMEOUT_MS with a 504 problem, so no
     slow dependency can hold a connection until a proxy kills it."""
     limit_s = request.app[keys.SETTINGS].request_timeout_ms / 1000
-    if not limit_s or _route(request) in STREAM_ROUTES:
+    if not limit_s or route_template(request) in STREAM_ROUTES:
         return await handler(request)
     timeout = asyncio.timeout(limit_s)
     try:
@@ -342,7 +344,7 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     """Count the request against the caller's window; 429 with Retry-After once spent."""
     if not _is_api(request):
         return await handler(request)
-    budget = "poll" if request.method == "GET" and _route(request) in POLL_ROUTES else "api"
+    budget = "poll" if request.method == "GET" and route_template(request) in POLL_ROUTES else "api"
     allowed, window = await request.app[POLICY].limiter.hit(
         budget, request[keys.CLIENT], time.time()
     )
