@@ -443,18 +443,22 @@ def _wait_s(request: web.Request) -> float:
     return min(wait_s, request.app[keys.SETTINGS].long_poll_max_s)
 
 
+def poll_headers(job: Job, tag: str) -> dict[str, str]:
+    """What every answer about a job carries, 200 or 304: its validator, no caching, and
+    while it is unfinished, when to ask again."""
+    headers: dict[str, str] = {hdrs.ETAG: tag, hdrs.CACHE_CONTROL: "no-cache"}
+    poll_ms = render.next_poll_ms(job)
+    if poll_ms is not None:
+        headers[hdrs.RETRY_AFTER] = render.retry_after_s(poll_ms)
+    return headers
+
+
 async def job_response(
     request: web.Request, job: Job, status: int = 200, *, tag: str | None = None
 ) -> web.Response:
     """The job resource with its validator and poll hints (``tag``: its ETag, if known)."""
     out = await render.job_out(request, job)
-    headers: dict[str, str] = {
-        hdrs.ETAG: tag or render.etag(job),
-        hdrs.CACHE_CONTROL: "no-cache",
-    }
-    if out.nextPollInMs is not None:
-        headers[hdrs.RETRY_AFTER] = render.retry_after_s(out.nextPollInMs)
-    return json_response(out, status, headers)
+    return json_response(out, status, poll_headers(job, tag or render.etag(job)))
 
 
 @routes.get("/v1/download/status/{job_id}")
@@ -493,11 +497,7 @@ async def status(request: web.Request) -> web.StreamResponse:
         job = await visible_job(request)
         tag = render.etag(job)
     if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
-        headers = {hdrs.ETAG: tag, hdrs.CACHE_CONTROL: "no-cache"}
-        poll_ms = render.next_poll_ms(job)
-        if poll_ms is not None:
-            headers[hdrs.RETRY_AFTER] = render.retry_after_s(poll_ms)
-        return web.Response(status=304, headers=headers)
+        return web.Response(status=304, headers=poll_headers(job, tag))
     return await job_response(request, job, tag=tag)
 
 
