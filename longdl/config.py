@@ -7,7 +7,8 @@ Names follow the original Delineate service where it had them (``PORT``, ``S3_*`
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -47,6 +48,21 @@ def parse_api_keys(entries: Iterable[str]) -> dict[str, str]:
             raise ValueError("API_KEYS entries look like name:key")
         by_key[key.strip()] = name.strip()
     return by_key
+
+
+def load_or_create_secret_file(path: Path, generate: Callable[[], str]) -> str:
+    """The secret kept in ``path`` (stripped), or a new one from ``generate`` written
+    there the first time, readable by this user only (mode 0600)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret
 
 
 class Settings(BaseSettings):

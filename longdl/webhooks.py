@@ -36,14 +36,12 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import random
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -54,7 +52,7 @@ from yarl import URL
 
 import longdl
 from longdl import exceptions, retry
-from longdl.config import Settings
+from longdl.config import Settings, load_or_create_secret_file
 from longdl.models import Job, JobStatus, LinksOut, utc_iso
 from longdl.store import DeliveryStatus, Store, WebhookDelivery
 from longdl.web import keys, render
@@ -105,18 +103,9 @@ def signing_key(secret: str | bytes) -> bytes:
     return key
 
 
-def load_or_create_secret(path: Path) -> str:
-    """Read the webhook secret kept at ``path``, creating it (mode 0600) the first time."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    return secret
+def new_secret() -> str:
+    """A fresh secret in the Standard Webhooks form: ``whsec_`` and 32 random bytes."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def secret_of(settings: Settings) -> str:
@@ -125,7 +114,7 @@ def secret_of(settings: Settings) -> str:
         log.info("webhook.secret source=WEBHOOK_SECRET")
         return settings.webhook_secret
     path = settings.data_dir / SECRET_FILE
-    secret = load_or_create_secret(path)
+    secret = load_or_create_secret_file(path, new_secret)
     log.info("webhook.secret source=%s (set WEBHOOK_SECRET to choose one)", path.resolve())
     return secret
 

@@ -243,3 +243,24 @@ async def test_request_id_is_echoed(client: TestClient[Any, Any]) -> None:
 
 
 _ = Job  # re-exported for type hints in listeners
+
+
+async def test_signing_key_is_private_and_survives_a_restart(
+    make_client: AppFactory, tmp_path: Any
+) -> None:
+    """The generated URL-signing key is mode 0600 and reused, so a link handed out before
+    a restart still downloads after it."""
+    import stat
+
+    data_dir = tmp_path / "keep"
+    first = await make_client(data_dir=data_dir)
+    job_id = await initiate(first, [70000, 70007])
+    url = (await finished(first, job_id))["downloadUrl"]
+    key_file = data_dir / "signing.key"
+    assert 0o600 == stat.S_IMODE(key_file.stat().st_mode)
+    await first.close()
+
+    second = await make_client(data_dir=data_dir)
+    response = await second.get(url)
+    assert 200 == response.status
+    assert zipfile.is_zipfile(io.BytesIO(await response.read()))

@@ -15,23 +15,15 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from longdl import exceptions
+from longdl.config import load_or_create_secret_file
 from longdl.storage.base import ObjectInfo, SignedUrl, Storage, validate_key
 
 FILES_PREFIX = "/files/"
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    """Read the signing secret kept at ``path``, creating it (mode 0600) the first time."""
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret.hex())
-    return secret
+    """The URL-signing secret kept at ``path`` (hex), created (mode 0600) the first time."""
+    return bytes.fromhex(load_or_create_secret_file(path, lambda: secrets.token_bytes(32).hex()))
 
 
 class LocalStorage(Storage):
