@@ -10,10 +10,10 @@ from aiohttp import web
 
 from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
+from longdl import store as stores
 from longdl import webhooks
 from longdl.config import Settings
 from longdl.engine import Engine, Handler
-from longdl.store import Store
 from longdl.web import events, files, keys, metrics, openapi, policy, problems, routes, ui
 
 log = logging.getLogger("longdl")
@@ -54,7 +54,7 @@ def create_app(
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = Store(settings.database_path)
+        store = stores.from_settings(settings)
         await store.open()
         app[keys.STORE] = store
         yield

@@ -131,6 +131,19 @@ class Settings(BaseSettings):
     progress_flush_ms: int = Field(default=1000, ge=10)
     #: Seconds running jobs get to finish on SIGTERM before they are re-queued.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    #: How long a claimed job stays this process's without a heartbeat; a job whose
+    #: lease runs out (its process died) is re-queued by any live process.
+    lease_s: float = Field(default=30.0, ge=1)
+    #: Times a job may lose its process (crash, kill, lost lease) before it fails with
+    #: WORKER_LOST instead of running again: a job that kills its process cannot loop.
+    max_stalls: int = Field(default=2, ge=1, le=100)
+
+    #: SQLite durability: ``normal`` survives a process crash, ``full`` also a power cut
+    #: (one fsync per commit; concurrent writes share it).
+    db_synchronous: Literal["normal", "full"] = "normal"
+    #: How long a write waits for another process holding the database's write lock
+    #: before the request gets 503 (SQLite).
+    db_busy_timeout_ms: int = Field(default=5000, ge=0)
 
     #: Simulate upstream latency while resolving files (as in the original service).
     download_delay_enabled: bool = False

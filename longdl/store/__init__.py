@@ -1,0 +1,56 @@
+"""The job store: the interface (:mod:`longdl.store.base`) and its backends.
+
+- :mod:`longdl.store.sqlite`: one SQLite file in ``DATA_DIR`` (the default);
+
+Each backend keeps its statements and numbered migrations under ``sql/<backend>/``.
+"""
+
+from __future__ import annotations
+
+from longdl.config import Settings
+from longdl.store.base import (
+    ACTIVE_STATUSES,
+    HELD_STATUSES,
+    IDEMPOTENCY_TTL_S,
+    WORKER_LOST,
+    DeliveryStatus,
+    Heartbeat,
+    Inserted,
+    Limits,
+    NewJob,
+    Rescued,
+    Store,
+    TrashItem,
+    WebhookDelivery,
+    WorkerInfo,
+)
+from longdl.store.sqlite import SQLiteStore
+
+
+def from_settings(settings: Settings) -> Store:
+    """The store the settings describe, not yet opened."""
+    return SQLiteStore(
+        settings.database_path,
+        synchronous=settings.db_synchronous,
+        busy_timeout_ms=settings.db_busy_timeout_ms,
+    )
+
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "HELD_STATUSES",
+    "IDEMPOTENCY_TTL_S",
+    "WORKER_LOST",
+    "DeliveryStatus",
+    "Heartbeat",
+    "Inserted",
+    "Limits",
+    "NewJob",
+    "Rescued",
+    "SQLiteStore",
+    "Store",
+    "TrashItem",
+    "WebhookDelivery",
+    "WorkerInfo",
+    "from_settings",
+]
