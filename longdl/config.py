@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     #: (one fsync per commit; concurrent writes share it).
     db_synchronous: Literal["normal", "full"] = "normal"
     #: How long a write waits for another process holding the database's write lock
-    #: before the request gets 503 (SQLite).
+    #: before the request gets 503 (SQLite; at most half of REQUEST_TIMEOUT_MS).
     db_busy_timeout_ms: int = Field(default=5000, ge=0)
 
     #: Simulate upstream latency while resolving files (as in the original service).

@@ -30,10 +30,17 @@ class ServiceProcess:
     Args:
         data_dir: the service's DATA_DIR (kept across restarts).
         settings: extra settings as environment variables (``{"WORKER_CONCURRENCY": "2"}``).
+        argv: what the Python interpreter runs (another app, e.g. ``tests/poison_app.py``).
     """
 
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: dict[str, str] | None = None,
+        argv: tuple[str, ...] = ("-m", "longdl", "serve"),
+    ) -> None:
         self.data_dir = data_dir
+        self.argv = argv
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-service.log"
@@ -59,6 +66,19 @@ class ServiceProcess:
             check=True,
         )
 
+    def spawn(self) -> None:
+        """Start the process without waiting for it."""
+        self.proc = self._spawn()
+
+    async def wait_exit(self, timeout_s: float = 30.0) -> int:
+        """Wait for the process to end by itself; its exit code."""
+        assert self.proc is not None
+        code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout_s)
+        if self._log is not None:
+            self._log.close()
+        self.proc = None
+        return code
+
     async def start(self, timeout_s: float = 20.0) -> None:
         """Start the service and wait until /health answers 200."""
         self.proc = self._spawn()
@@ -82,7 +102,7 @@ class ServiceProcess:
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._log = self.log_path.open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "longdl", "serve"],
+            [sys.executable, *self.argv],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

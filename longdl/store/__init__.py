@@ -28,11 +28,19 @@ from longdl.store.sqlite import SQLiteStore
 
 
 def from_settings(settings: Settings) -> Store:
-    """The store the settings describe, not yet opened."""
+    """The store the settings describe, not yet opened.
+
+    A write waits for another process's lock at most half of REQUEST_TIMEOUT_MS, so
+    a request that cannot write answers 503 (nothing created) before its deadline cuts
+    it off with a 504 (perhaps created).
+    """
+    busy_timeout_ms = settings.db_busy_timeout_ms
+    if settings.request_timeout_ms:
+        busy_timeout_ms = min(busy_timeout_ms, settings.request_timeout_ms // 2)
     return SQLiteStore(
         settings.database_path,
         synchronous=settings.db_synchronous,
-        busy_timeout_ms=settings.db_busy_timeout_ms,
+        busy_timeout_ms=busy_timeout_ms,
     )
 
 

@@ -352,6 +352,8 @@ class SQLiteStore(base.Store):
         busy_timeout_ms: how long a write waits for another process's write lock.
         readers: read connections.
         clock: source of epoch seconds, injectable for tests.
+        on_connect: called with the writing connection once it is set up (to register
+            SQL functions, or trace statements while debugging).
     """
 
     name = "sqlite"
@@ -364,8 +366,10 @@ class SQLiteStore(base.Store):
         busy_timeout_ms: int = 5000,
         readers: int = 2,
         clock: Callable[[], float] = time.time,
+        on_connect: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         self.path = path
+        self._on_connect = on_connect
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self._clock = clock
@@ -385,6 +389,8 @@ class SQLiteStore(base.Store):
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        if self._on_connect is not None:
+            self._on_connect(conn)
         return conn
 
     def _create_private(self) -> None:
@@ -465,6 +471,12 @@ class SQLiteStore(base.Store):
     async def ping(self) -> None:
         await self._read_one("queued_count")
         await self._write(lambda conn: None)
+
+    async def writer_pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` on the writing connection (diagnostics, tests)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return await self._write(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
 
     async def schema_version(self) -> int:
         async with self._reader().execute("PRAGMA user_version") as cur:
@@ -628,7 +640,7 @@ class SQLiteStore(base.Store):
             conn.execute(Q["forget_stale_workers"], {"before": now - WORKER_ROW_TTL_S})
             rescued = Rescued()
             stalled = conn.execute(
-                Q["stalled"], {"now": now, "exclude": exclude_worker, "limit": SWEEP_BATCH}
+                Q["stalled"], {"now": now, "exclude": exclude_worker or "", "limit": SWEEP_BATCH}
             ).fetchall()
             for row in stalled:
                 job = row_to_job(row)
