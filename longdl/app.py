@@ -12,8 +12,8 @@ from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
 from longdl import store as stores
 from longdl import webhooks
-from longdl.config import Settings
-from longdl.engine import Engine, Handler
+from longdl.config import Settings, check_replica_secrets
+from longdl.engine import Engine, Handler, new_worker_id
 from longdl.web import events, files, keys, metrics, openapi, policy, problems, routes, ui
 
 log = logging.getLogger("longdl")
@@ -53,8 +53,12 @@ def create_app(
     metrics.install(app)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
+    worker_id = new_worker_id()
+    app[keys.WORKER_ID] = worker_id
+
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = stores.from_settings(settings)
+        check_replica_secrets(settings)
+        store = stores.from_settings(settings, worker_id)
         await store.open()
         app[keys.STORE] = store
         yield
@@ -68,15 +72,19 @@ def create_app(
         await backend.close()
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-        engine = Engine(app[keys.STORE], app[keys.STORAGE], all_handlers, settings)
+        engine = Engine(
+            app[keys.STORE], app[keys.STORAGE], all_handlers, settings, worker_id=worker_id
+        )
         engine.hub.add_listener(app[metrics.METRICS].on_job_change)
         await engine.start()
         app[keys.ENGINE] = engine
         log.info(
-            "longdl ready storage=%s data_dir=%s workers=%d",
+            "longdl ready store=%s storage=%s data_dir=%s workers=%d worker_id=%s",
+            app[keys.STORE].name,
             app[keys.STORAGE].name,
             settings.data_dir,
             settings.worker_concurrency,
+            worker_id,
         )
         yield
         await engine.stop()

@@ -22,7 +22,7 @@ from aiohttp import web
 import longdl
 from longdl import cli_client
 from longdl import storage as storage_backends
-from longdl.config import Settings
+from longdl.config import Settings, check_replica_secrets
 from longdl.seed import DEMO_FILE_IDS, seed
 
 
@@ -114,6 +114,11 @@ def run(app: web.Application, settings: Settings) -> None:
 def cmd_serve(settings: Settings) -> int:
     from longdl.app import create_app
 
+    try:
+        check_replica_secrets(settings)
+    except ValueError as exc:
+        print(f"longdl: {exc}", file=sys.stderr)
+        return 2
     run(create_app(settings), settings)
     return 0
 

@@ -57,6 +57,10 @@ SWEEP_BATCH = 500
 ORPHAN_SCAN_EVERY = 10
 #: Longest wait between two tries of a final status write (or any maintenance step).
 MAX_RETRY_DELAY_S = 5.0
+#: What a job given back at a graceful shutdown says.
+RELEASED = "Re-queued: the service restarted"
+#: A sweep deleting trash items has them for this long before another may try.
+TRASH_LEASE_S = 60.0
 
 StopReason = Literal["cancel", "shutdown", "lost"]
 
@@ -247,6 +251,13 @@ class ChangeHub:
         for event in events:
             event.set()
 
+    def wake(self, job_id: str) -> None:
+        """Wake whoever waits for this job's next change (it changed elsewhere); they
+        read it again."""
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
     def is_watched(self, job_id: str) -> bool:
         """Whether someone is waiting for this job's next change right now."""
         return job_id in self._events
@@ -319,15 +330,17 @@ class Engine:
             WorkerInfo(self.worker_id, socket.gethostname(), os.getpid())
         )
         log.info("worker.started worker_id=%s", self.worker_id)
+        self.store.add_change_listener(self._changed_elsewhere, self._missed_changes)
         await self.rescue()
         with contextlib.suppress(Exception):
             await self.remove_orphans()
         self._stopping = False
         self._services = [
-            asyncio.create_task(self._dispatch(), name="longdl dispatcher"),
             asyncio.create_task(self._heartbeat_loop(), name="longdl heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="longdl maintenance"),
         ]
+        if self.settings.worker_concurrency:
+            self._services.append(asyncio.create_task(self._dispatch(), name="longdl dispatcher"))
 
     def drain(self) -> None:
         """Begin shutting down: refuse new jobs (503), stop claiming queued ones, and wake
@@ -363,6 +376,10 @@ class Engine:
             log.warning("worker.stopped_with_unwritten_jobs count=%d", len(self._running))
             return
         try:
+            # A claim that committed while the dispatcher was being cancelled holds jobs
+            # that never started here: give them back too.
+            for job_id in await self.store.release_all(self.worker_id, RELEASED):
+                log.info("job.requeued job_id=%s reason=shutdown", job_id)
             await self.store.unregister_worker(self.worker_id)
         except Exception as exc:
             log.warning("worker.unregister_failed error=%r", exc)
@@ -496,6 +513,31 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await event.wait()
+
+    def _changed_elsewhere(self, job_id: str, status: str) -> None:
+        """A change any process committed (store notifications): wake who waits for the
+        job; new work wakes the dispatcher; a job running here that was canceled
+        elsewhere stops now rather than at the next heartbeat."""
+        running = self._running.get(job_id)
+        if running is None:
+            self.hub.wake(job_id)
+            if status == JobStatus.QUEUED:
+                self._wakeup.set()
+            return
+        if (
+            status == JobStatus.CANCELED
+            and running.stop_reason is None
+            and running.finish_task is None
+            and running.task is not None
+        ):
+            log.info("job.canceled_elsewhere job_id=%s", job_id)
+            running.stop_reason = "cancel"
+            running.task.cancel()
+
+    def _missed_changes(self) -> None:
+        """Notifications may have been lost: everyone waiting reads again."""
+        self.hub.wake_all()
+        self._wakeup.set()
 
     # --- the dispatcher ----------------------------------------------------------------
 
@@ -763,7 +805,7 @@ class Engine:
             log.info("job.lost job_id=%s", job.id)
             return None, None
         log.info("job.requeued job_id=%s reason=shutdown", job.id)
-        progress = store_base.requeued_progress(job, "Re-queued: the service restarted")
+        progress = store_base.requeued_progress(job, RELEASED)
         final = dataclasses.replace(
             job,
             status=JobStatus.QUEUED,
@@ -887,13 +929,14 @@ class Engine:
         while await self.store.purge(self.settings.job_retention_s, SWEEP_BATCH) >= SWEEP_BATCH:
             pass
         await self.empty_trash()
+        await self.store.compact()
         return count
 
     async def empty_trash(self) -> int:
         """Delete the objects in the trash that are due; return how many went."""
         deleted = 0
         while True:
-            items = await self.store.due_trash(SWEEP_BATCH)
+            items = await self.store.claim_trash(SWEEP_BATCH, TRASH_LEASE_S)
             if not items:
                 return deleted
             failed = set(await self.storage.delete_many([item.key for item in items]))

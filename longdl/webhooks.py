@@ -520,6 +520,11 @@ class WebhookWorker:
         if job.status.finished and job.callback_url:
             self._wakeup.set()
 
+    def on_change_elsewhere(self, job_id: str, status: str) -> None:
+        """Store change listener: a job finished in any process may have a delivery."""
+        if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+            self._wakeup.set()
+
     # --- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -730,6 +735,8 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WORKER] = worker
     await worker.start()
     remove_listener = app[keys.ENGINE].hub.add_listener(worker.on_job_change)
+    # A job finished by another replica has a delivery too: claim it without waiting.
+    app[keys.STORE].add_change_listener(worker.on_change_elsewhere)
     yield
     remove_listener()
     await worker.stop()

@@ -263,6 +263,18 @@ class StoreContract:
             released.worker_id,
         )
 
+    async def test_release_all_gives_back_every_job_a_worker_holds(self, store: Store) -> None:
+        """A stopping worker's jobs all go back to the queue, others' stay."""
+        mine = [await self.running(store, "w1") for _ in range(2)]
+        theirs = await self.running(store, "w2")
+        released = await store.release_all("w1", "Re-queued")
+        assert sorted(mine) == sorted(released)
+        statuses = [getattr(await store.get_job(i), "status", None) for i in [*mine, theirs]]
+        assert [JobStatus.QUEUED, JobStatus.QUEUED, JobStatus.RUNNING] == statuses
+        job = await store.get_job(mine[0])
+        assert job is not None
+        assert (0, "Re-queued") == (job.attempts, job.progress.message)
+
     # --- heartbeats and stalls ---------------------------------------------------------
 
     async def test_heartbeat_renews_leases_and_writes_progress(
@@ -377,7 +389,7 @@ class StoreContract:
         rest = await store.expire_due(limit=100)
         assert (2, 2) == (len(first), len(rest))
         assert {"expired"} == {job.status.value for job in first + rest}
-        trash = {item.key for item in await store.due_trash(limit=100)}
+        trash = {item.key for item in await store.claim_trash(limit=100, lease_s=60)}
         assert {f"bundles/{i}.zip" for i in range(3)} == trash
         job = await store.get_job(fresh)
         assert job is not None
@@ -393,7 +405,9 @@ class StoreContract:
         await store.add_output(job_id, "w1", "bundles/x.zip")
         await store.fail(job_id, "w1", {"code": "X"}, Progress(), ttl_s=60)
         clock.advance(120)
-        assert ["bundles/x.zip"] == [item.key for item in await store.due_trash(limit=10)]
+        assert ["bundles/x.zip"] == [
+            item.key for item in await store.claim_trash(limit=10, lease_s=60)
+        ]
 
     async def test_completed_job_keeps_its_result_and_trashes_other_outputs(
         self, store: Store, clock: Clock
@@ -403,7 +417,7 @@ class StoreContract:
             store, {"key": "bundles/r.zip", "owned": True}, outputs=["tmp/a", "bundles/r.zip"]
         )
         clock.advance(120)
-        assert ["tmp/a"] == [item.key for item in await store.due_trash(limit=10)]
+        assert ["tmp/a"] == [item.key for item in await store.claim_trash(limit=10, lease_s=60)]
 
     async def test_trash_items_can_be_retried_and_forgotten(
         self, store: Store, clock: Clock
@@ -416,9 +430,11 @@ class StoreContract:
         clock.advance(120)
         await store.trash_retry(["a"], delay_s=30)
         await store.trash_done(["b"])
-        assert [] == await store.due_trash(limit=10)
+        assert [] == await store.claim_trash(limit=10, lease_s=60)
         clock.advance(30)
-        assert [("a", 1)] == [(i.key, i.attempts) for i in await store.due_trash(limit=10)]
+        assert [("a", 1)] == [
+            (i.key, i.attempts) for i in await store.claim_trash(limit=10, lease_s=60)
+        ]
 
     async def test_purge_deletes_old_expired_jobs_with_their_deliveries(
         self, store: Store, clock: Clock

@@ -276,7 +276,7 @@ async def test_every_statement_the_writer_runs_uses_an_index(tmp_path: Path) -> 
         await store.record_webhook_attempt(delivery.id, "delivered", attempted=True)
         await store.rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="w")
         await store.expire_due(10)
-        await store.trash_done([item.key for item in await store.due_trash(10)])
+        await store.trash_done([item.key for item in await store.claim_trash(10, 60)])
         await store.purge(0, 10)
         await store.unregister_worker("w")
     finally:
@@ -333,3 +333,27 @@ async def test_a_cancel_made_by_another_process_stops_the_job(
     assert ["cancel"] == reasons
     assert "canceled" == (await finished(client, job_id))["status"]
     assert 0 == client.app[keys.ENGINE].running_count
+
+
+async def test_stop_gives_back_a_job_claimed_but_never_started(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    """A claim that commits while the dispatcher is being cancelled at shutdown leaves a
+    job leased to this worker that never started here: the stop gives it back, so the
+    next start runs it at once instead of after LEASE_S."""
+    data_dir = tmp_path / "data"
+    client = await make_client(data_dir=data_dir, worker_concurrency=0)
+    engine = client.app[keys.ENGINE]
+    store = client.app[keys.STORE]
+    job_id = (await store.insert_job(new_job())).job.id
+    await store.claim(engine.worker_id, 3600, 1)  # the claim whose answer was lost
+    await client.close()
+
+    reopened = SQLiteStore(data_dir / "longdl.sqlite3")
+    await reopened.open()
+    try:
+        job = await reopened.get_job(job_id)
+    finally:
+        await reopened.close()
+    assert job is not None
+    assert (JobStatus.QUEUED, 0, None) == (job.status, job.attempts, job.worker_id)

@@ -18,7 +18,7 @@ Raises (from any writing method):
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -311,6 +311,12 @@ class Store(abc.ABC):
         """Give a held job back to the queue without using up its attempt or counting a
         stall (a graceful shutdown)."""
 
+    @abc.abstractmethod
+    async def release_all(self, worker_id: str, message: str) -> list[str]:
+        """Give back to the queue every job ``worker_id`` still holds (as :meth:`release`
+        does), for a worker stopping cleanly; return their ids. A claim that committed
+        while its caller was being cancelled leaves such a job."""
+
     # --- anyone ------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -330,8 +336,9 @@ class Store(abc.ABC):
         their deliveries), and stale idempotency keys; return the jobs deleted."""
 
     @abc.abstractmethod
-    async def due_trash(self, limit: int) -> list[TrashItem]:
-        """Objects whose deletion is due."""
+    async def claim_trash(self, limit: int, lease_s: float) -> list[TrashItem]:
+        """Objects whose deletion is due, taken for ``lease_s`` (no one else gets them
+        meanwhile; if the deleter dies, they come due again)."""
 
     @abc.abstractmethod
     async def trash_done(self, keys: Sequence[str]) -> None:
@@ -340,6 +347,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def trash_retry(self, keys: Sequence[str], delay_s: float) -> None:
         """Try these deletions again after ``delay_s``."""
+
+    async def compact(self) -> None:  # noqa: B027 - optional housekeeping
+        """Housekeeping the backend needs now and then (PostgreSQL folds count deltas)."""
+
+    # --- changes made elsewhere --------------------------------------------------------
+
+    def add_change_listener(  # noqa: B027 - optional: SQLite has no notifications
+        self,
+        on_change: Callable[[str, str], None],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        """Call ``on_change(job_id, status)`` for every change another process commits
+        (and this one's too), and ``on_reconnect()`` when changes may have been missed.
+
+        Backends without notifications never call them: processes sharing an SQLite
+        file find each other's work by polling.
+        """
 
     # --- webhook deliveries ------------------------------------------------------------
 

@@ -769,6 +769,12 @@ class SQLiteStore(base.Store):
             {"id": job_id, "worker_id": worker_id, "progress": _dumps(progress.to_dict())},
         )
 
+    async def release_all(self, worker_id: str, message: str) -> list[str]:
+        params = {"worker_id": worker_id, "message": message, "now": self._clock()}
+        return await self._write(
+            lambda conn: [row["id"] for row in conn.execute(Q["release_all"], params)]
+        )
+
     # --- anyone ------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, ttl_s: float, message: str) -> Job | None:
@@ -803,9 +809,15 @@ class SQLiteStore(base.Store):
 
         return await self._write(unit)
 
-    async def due_trash(self, limit: int) -> list[TrashItem]:
-        rows = await self._read_all("due_trash", {"now": self._clock(), "limit": limit})
-        return [TrashItem(row["key"], row["job_id"], row["attempts"]) for row in rows]
+    async def claim_trash(self, limit: int, lease_s: float) -> list[TrashItem]:
+        now = self._clock()
+        params = {"now": now, "lease_until": now + lease_s, "limit": limit}
+
+        def unit(conn: sqlite3.Connection) -> list[TrashItem]:
+            rows = conn.execute(Q["claim_trash"], params).fetchall()
+            return [TrashItem(row["key"], row["job_id"], row["attempts"]) for row in rows]
+
+        return await self._write(unit)
 
     async def trash_done(self, keys: Sequence[str]) -> None:
         params = [{"key": key} for key in keys]

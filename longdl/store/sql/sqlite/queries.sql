@@ -170,6 +170,14 @@ UPDATE jobs
  WHERE id = :id AND worker_id = :worker_id AND status IN ('running', 'processing_artifacts')
 RETURNING *;
 
+-- name: release_all
+UPDATE jobs
+   SET status = 'queued', attempts = max(attempts - 1, 0), run_after = :now,
+       updated_at = :now, worker_id = NULL, lease_expires_at = NULL,
+       progress = json_set(progress, '$.message', :message, '$.percent', 0.0)
+ WHERE worker_id = :worker_id AND status IN ('running', 'processing_artifacts')
+RETURNING id;
+
 -- name: cancel
 UPDATE jobs
    SET status = 'canceled', error = :error, progress = json_set(progress, '$.message', :message),
@@ -201,11 +209,13 @@ DELETE FROM idempotency_keys
                   ORDER BY created_at
                   LIMIT :limit);
 
--- name: due_trash
-SELECT key, job_id, attempts FROM trash
- WHERE next_attempt_at <= :now
- ORDER BY next_attempt_at
- LIMIT :limit;
+-- name: claim_trash
+UPDATE trash SET next_attempt_at = :lease_until
+ WHERE key IN (SELECT key FROM trash
+                WHERE next_attempt_at <= :now
+                ORDER BY next_attempt_at
+                LIMIT :limit)
+RETURNING key, job_id, attempts;
 
 -- name: trash_done
 DELETE FROM trash WHERE key = :key;
