@@ -25,6 +25,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -559,6 +560,16 @@ class Longdl:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"job not {wanted} within {timeout_s} s: {current}")
             time.sleep(0.05)  # the interval of a deadline loop
+
+
+def job_seconds(job: dict[str, object]) -> float | None:
+    """Queued to finished, from the job's own timestamps (None if it lacks them)."""
+    stamps = job.get("timestamps")
+    if not isinstance(stamps, dict) or not stamps.get("finishedAt"):
+        return None
+    queued = datetime.fromisoformat(str(stamps["queuedAt"]))
+    finished = datetime.fromisoformat(str(stamps["finishedAt"]))
+    return (finished - queued).total_seconds() or None
 
 
 def database_path(data_dir: Path) -> Path:
