@@ -6,13 +6,15 @@ and sha256 computed) and writes it beside them. Its time is the job's own, queue
 finished (from the status resource); its memory is the server's peak RSS during the
 job (VmHWM, reset just before through ``/proc/PID/clear_refs``) minus its RSS before.
 The baseline is ``cat`` of the same files into one file on the same disk: the same
-bytes read and written, no more. Both read and write through the page cache; the runs
+bytes read and written, no more. Both read and write through the page cache, each
+starting after a ``sync`` so neither pays for the other's write-back; the runs
 alternate, ``BENCH_ROUNDS`` times, and the best of each counts. The plot repeats it for
 smaller bundles (the first 10 and 30 files).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import time
@@ -31,7 +33,7 @@ def run() -> dict[str, object]:
     from longdl.handlers.download import bundle_key, source_key
 
     file_bytes = TOTAL_BYTES // FILE_COUNT
-    counts = (FILE_COUNT,) if common.QUICK else (10, 30, FILE_COUNT)
+    counts = (FILE_COUNT,) if common.quick() else (10, 30, FILE_COUNT)
     ids = [FIRST_ID + i for i in range(FILE_COUNT)]
     speed_longdl, speed_cat = Series("longdl bundle"), Series("cat of the same files")
     with common.workdir() as tmp:
@@ -46,6 +48,7 @@ def run() -> dict[str, object]:
             def bundle(count: int) -> tuple[float, float, float]:
                 """(MB/s, seconds, RSS growth in MB) of one bundle of the first ``count``."""
                 pid = server.pid
+                os.sync()  # both start with no dirty pages to write back
                 before_kib = common.settled_rss_kib(pid, timeout_s=5)
                 common.reset_peak_rss(pid)
                 started = time.monotonic()
@@ -60,6 +63,7 @@ def run() -> dict[str, object]:
 
             def cat(count: int) -> float:
                 out = tmp / "cat.out"
+                os.sync()
                 started = time.monotonic()
                 with out.open("wb") as sink:
                     subprocess.run(["cat", *map(str, paths[:count])], stdout=sink, check=True)
