@@ -32,18 +32,20 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
 
-#: Set by ``python -m bench --quick``: shorter wrk runs, one round, smaller sweeps.
-QUICK = os.environ.get("BENCH_QUICK", "") == "1"
+
+def quick() -> bool:
+    """Set by ``python -m bench --quick`` (BENCH_QUICK=1): shorter runs, smaller sweeps."""
+    return os.environ.get("BENCH_QUICK", "") == "1"
 
 
 def wrk_duration_s() -> int:
     """Length of one wrk run: long enough to average out a GC pause, short enough to fit."""
-    return int(os.environ.get("BENCH_WRK_S", "3" if QUICK else "5"))
+    return int(os.environ.get("BENCH_WRK_S", "3" if quick() else "5"))
 
 
 def rounds() -> int:
     """How many times each longdl/baseline pair is measured, alternating; the best counts."""
-    return int(os.environ.get("BENCH_ROUNDS", "1" if QUICK else "2"))
+    return int(os.environ.get("BENCH_ROUNDS", "1" if quick() else "2"))
 
 
 # --- table rows -----------------------------------------------------------------------

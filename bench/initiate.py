@@ -33,7 +33,7 @@ PATH = "/v1/download/initiate"
 
 
 def run() -> dict[str, object]:
-    quick = common.QUICK
+    quick = common.quick()
     sync_supported = common.settings_field("db_synchronous")
     with common.workdir() as tmp:
         script = common.post_script(tmp, PATH, BODY)
@@ -117,6 +117,7 @@ def run() -> dict[str, object]:
             for count in (25_000, 50_000):
                 finished.add(count, measure(variant(f"f{count}", finished=count)))
             finished.add(100_000, best["finished_100000"])
+            waiting.add(10_000, measure(variant("w10k", waiting=10_000)))
             waiting.add(20_000, best["waiting_20000"])
 
     rps = "req/s"

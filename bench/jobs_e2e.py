@@ -33,7 +33,7 @@ JOBS = 2000
 
 
 def run() -> dict[str, object]:
-    count = 500 if common.QUICK else JOBS
+    count = 500 if common.quick() else JOBS
     best: dict[str, float] = {}
     with common.workdir() as tmp:
         for round_no in range(common.rounds()):
