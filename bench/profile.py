@@ -1,7 +1,8 @@
 """Where a real ``longdl serve`` spends its time under wrk: py-spy on P1 and P2.
 
-The server runs under ``py-spy record`` (sampling from outside at 250 Hz, without
-pausing it, all threads, idle ones left out) while wrk polls a running job's status
+The server runs under ``py-spy record`` (sampling from outside at 200 Hz, all threads,
+idle ones left out; it pauses the process for each sample, since without that some
+stacks come out truncated) while wrk polls a running job's status
 (P1) or posts initiates (P2) for ``PROFILE_S`` seconds. The collapsed stacks are
 reduced to three views per figure: where samples were taken (leaf function, "self"),
 which longdl functions they were under ("inclusive"), and which package the leaf was
@@ -45,8 +46,8 @@ def run() -> dict[str, object]:
         script = common.post_script(tmp, "/v1/download/initiate", {"file_ids": list(FILES)})
         for key, title in (("P1", "status of a running job"), ("P2", "durable initiate")):
             out = tmp / f"{key}.txt"
-            wrapper = [py_spy, "record", "--rate", "250", "--format", "raw", "--nolineno",
-                       "--nonblocking", "--output", str(out), "--"]  # fmt: skip
+            wrapper = [py_spy, "record", "--rate", "200", "--format", "raw", "--nolineno",
+                       "--output", str(out), "--"]  # fmt: skip
             server = Longdl(tmp / f"data-{key}", common.stuck_settings(), wrapper=wrapper)
             server.seed(*FILES)
             try:

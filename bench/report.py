@@ -194,7 +194,12 @@ def write(
         lines += [
             "## Profile (py-spy, one run)",
             "",
-            "Sampled from outside while wrk ran; shares of all samples of busy threads.",
+            "py-spy sampled the server from outside while wrk ran; shares are of all "
+            "samples of busy threads (the event loop and aiosqlite's thread). Reading it: "
+            "`EpollSelector.select` is the event loop with nothing to do (under P2: waiting "
+            "for SQLite), `_connection_worker_thread` is aiosqlite's thread running "
+            "SQLite's C code, `_SelectorSocketTransport.write` is the send system call; "
+            "the middleware layers nest, so each one's inclusive share contains the next.",
             "",
             *profiles,
         ]
