@@ -347,7 +347,8 @@ def wrk(
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (make bench installs it: apt-get install wrk)")
     duration_s = duration_s or wrk_duration_s()
-    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s"]
+    # A generous timeout: a slow configuration (P7) answers late, not never.
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s"]
     for header in headers:
         args += ["-H", header]
     if script is not None:

@@ -32,8 +32,9 @@ def run() -> dict[str, object]:
     if not supported():
         print(f"   {PENDING}", flush=True)
         return {
-            "pending": f"{PENDING}: P1/P2 on PostgreSQL with 1 and 3 replicas behind nginx; "
-            "initiate/status for SQLite 1 process vs PostgreSQL 1, 2, 3 replicas"
+            "pending": "P1/P2 on PostgreSQL with 1 and 3 replicas behind nginx; initiate and "
+            "status for SQLite (1 process) vs PostgreSQL with 1, 2, 3 replicas: needs "
+            "DATABASE_URL support"
         }
     return measure()
 

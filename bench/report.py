@@ -216,7 +216,7 @@ def write(
 def commands() -> list[str]:
     settings = " ".join(f"{k}={v}" for k, v in common.LOAD_SETTINGS.items())
     stuck = " ".join(f"{k}={v}" for k, v in common.stuck_settings().items())
-    job = re.compile(r"/[0-9a-f]{8}-[0-9a-f-]{27,}")
+    job = re.compile(r"/([0-9a-f]{8}-[0-9a-f-]{27,}|[0-9a-f]{32})")
     wrk_lines = sorted({job.sub("/{jobId}", line) for line in common.WRK_COMMANDS})
     return [
         "- `make bench`: installs `wrk` and `redis-server` with apt when missing, the "
@@ -229,8 +229,9 @@ def commands() -> list[str]:
         "servers' logs.",
         f"- longdl: `python -m longdl serve` with a fresh `DATA_DIR` and `{settings}`; "
         f"where a job must stay running: `{stuck}`.",
-        "- FastAPI: `uvicorn peers.fastapi_dict:app` / `peers.fastapi_arq:app` with "
-        "`--workers 1 --loop uvloop --http httptools --no-access-log`.",
+        "- FastAPI: `uvicorn --app-dir bench/peers fastapi_dict:app` (or `fastapi_arq:app`) "
+        "`--workers 1 --loop uvloop --http httptools --no-access-log`; bare aiohttp: "
+        "`python bench/peers/aiohttp_canned.py PORT SPEC.json`.",
         "- Redis: `redis-server --port P --save '' --appendonly yes --appendfsync everysec "
         "--dir D`.",
         "- wrk:",
