@@ -41,8 +41,8 @@ test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Measurements, not pass/fail tests (see bench/__init__.py). `make bench` runs every figure
-# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~12 min);
-# `make bench-quick` runs P1, P2 and P5 and only prints the table (~1.5 min).
+# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~8 min);
+# `make bench-quick` runs P1, P2 and P5 and only prints the table (~1 min).
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $@
