@@ -88,6 +88,9 @@ class Settings(BaseSettings):
 
     #: Which storage backend keeps source files and bundles.
     storage_backend: Literal["local", "s3"] = "local"
+    #: Folder of the local storage backend (DATA_DIR/storage when unset); replicas share
+    #: local storage by mounting one folder here on each.
+    local_storage_dir: Path | None = None
     #: HMAC secret for local signed URLs; generated once into DATA_DIR when unset.
     signing_secret: str | None = None
     #: Lifetime of a signed download URL.
@@ -257,7 +260,7 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         """Root folder of the local storage backend."""
-        return self.data_dir / "storage"
+        return self.local_storage_dir or self.data_dir / "storage"
 
     @property
     def retry_base_s(self) -> float:

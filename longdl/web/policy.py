@@ -53,6 +53,9 @@ POLL_ROUTES = frozenset(
 #: Routes that stream for as long as they need: no request deadline applies.
 STREAM_ROUTES = frozenset({"/v1/download/{job_id}/events", "/files/{key}"})
 
+#: The response header naming the replica (worker id) that answered.
+REPLICA_HEADER = "Longdl-Replica"
+
 #: Response headers a browser script may read across origins.
 EXPOSED_HEADERS = (
     "Location, Retry-After, ETag, X-Request-ID, Idempotent-Replayed, Preference-Applied, "
@@ -384,6 +387,10 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
     window = request.get(RATE_WINDOW)
     if window is not None:
         headers.update(window.headers())
+    worker_id = request.app.get(keys.WORKER_ID)
+    if worker_id:
+        # Which replica answered: behind a load balancer, any of them may.
+        headers[REPLICA_HEADER] = worker_id
     origin = request.headers.get(hdrs.ORIGIN)
     if origin and POLICY in request.app:
         allowed = request.app[POLICY].allowed_origin(origin)
