@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     rate_limit_max_requests: int = Field(default=100, ge=1)
     #: Requests per window per caller on polling routes.
     rate_limit_poll_max_requests: int = Field(default=1200, ge=1)
+    #: Shared rate-limit counters (a ``limits`` storage URI such as
+    #: ``async+redis://redis:6379``, with ``pip install 'longdl[redis]'``); unset: each
+    #: replica counts in its own memory.
+    rate_limit_storage_uri: str | None = None
     #: Proxies whose X-Forwarded-For is trusted.
     trusted_proxies: CsvList = Field(default_factory=list)
     #: Allowed CORS origins ("*" for any).
