@@ -14,9 +14,9 @@ Background loops:
   (at least every LEASE_S / 3), and learns which jobs it lost (canceled elsewhere, or
   re-queued by another process after its lease ran out);
 - maintenance re-queues stalled jobs of dead workers and lets the store tidy up (every
-  LEASE_S / 3, and at start-up), and every SWEEP_INTERVAL_S expires finished jobs past their TTL in batches
-  until none is due, purges old rows, empties the trash and (every ORPHAN_SCAN_EVERY
-  sweeps, and at start-up) removes partial uploads nobody is writing.
+  LEASE_S / 3, and at start-up), and every SWEEP_INTERVAL_S expires finished jobs past
+  their TTL in batches until none is due, purges old rows, empties the trash and (every
+  ORPHAN_SCAN_EVERY sweeps, and at start-up) removes partial uploads nobody is writing.
 """
 
 from __future__ import annotations
