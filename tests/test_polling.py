@@ -104,6 +104,33 @@ async def test_long_poll_returns_within_100_ms_of_a_progress_change(
     assert sorted(latencies)[len(latencies) // 2] < 0.1, latencies
 
 
+async def test_a_wake_up_that_changes_nothing_does_not_end_a_long_poll(
+    make_client: AppFactory,
+) -> None:
+    """A long-poll woken while the job is unchanged (a late notification, a progress
+    report that rounds to the same) keeps waiting, and answers the real change."""
+    client, stepper, job_id = await stepper_job(make_client)
+    engine = client.app[keys.ENGINE]
+    tag = (await client.get(f"/v1/download/status/{job_id}")).headers["ETag"]
+    poll = asyncio.create_task(
+        client.get(f"/v1/download/status/{job_id}?wait=20", headers={"If-None-Match": tag})
+    )
+
+    async def watched() -> bool:
+        return engine.hub.is_watched(job_id)
+
+    await wait_for(watched)
+    engine.hub.notify(await engine.get(job_id))  # a change notice with nothing changed
+    await client.get("/health")  # a full round trip: the woken poll has run meanwhile
+    still_waiting = not poll.done()
+    stepper.step.set()
+    response = await poll
+    stepper.done.set()
+    stepper.step.set()
+    assert still_waiting
+    assert (200, True) == (response.status, tag != response.headers["ETag"])
+
+
 async def test_long_poll_returns_at_the_cap_when_nothing_changes(
     make_client: AppFactory,
 ) -> None:

@@ -491,14 +491,38 @@ async def status(request: web.Request) -> web.StreamResponse:
     tag = render.etag(job)
     client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
     if wait_s > 0 and not job.status.finished and not engine.stopping and client_tag in (None, tag):
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait_s):
-                await changed.wait()
-        job = await visible_job(request)
-        tag = render.etag(job)
+        job, tag = await _wait_for_change(request, job, tag, changed, wait_s)
     if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
         return web.Response(status=304, headers=poll_headers(job, tag))
     return await job_response(request, job, tag=tag)
+
+
+async def _wait_for_change(
+    request: web.Request, job: Job, tag: str, changed: asyncio.Event, wait_s: float
+) -> tuple[Job, str]:
+    """Wait up to ``wait_s`` until the job differs from ``tag`` (what the client holds).
+
+    A wake-up that changed nothing the client sees (a notification of a change it
+    already has, a progress report that rounds to the same) waits on, so a long-poll
+    answers a change or its time limit, never a spurious wake-up.
+    """
+    engine = request.app[keys.ENGINE]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while not engine.stopping:
+        try:
+            async with asyncio.timeout(deadline - loop.time()):
+                await changed.wait()
+        except TimeoutError:
+            break
+        changed = engine.hub.event(job.id)
+        job = await visible_job(request)
+        new_tag = render.etag(job)
+        if new_tag != tag or job.status.finished:
+            return job, new_tag
+    if engine.stopping:
+        job = await visible_job(request)
+    return job, render.etag(job)
 
 
 def encode_cursor(job: Job) -> str:
