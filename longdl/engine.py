@@ -39,7 +39,7 @@ from longdl import exceptions, retry
 from longdl.config import Settings
 from longdl.models import Job, JobStatus, Priority, Progress
 from longdl.storage import ObjectInfo, Partial, SignedUrl, Storage
-from longdl.store import Inserted, Limits, NewJob, Store, WorkerInfo
+from longdl.store import Claim, Inserted, Limits, NewJob, Store, WorkerInfo
 from longdl.store import base as store_base
 
 log = logging.getLogger("longdl.engine")
@@ -80,7 +80,16 @@ class Artifact:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies every value, on every job's completion.
+        return {
+            "key": self.key,
+            "filename": self.filename,
+            "size_bytes": self.size_bytes,
+            "owned": self.owned,
+            "sha256": self.sha256,
+            "content_type": self.content_type,
+            "details": dict(self.details),
+        }
 
 
 Handler = Callable[["JobContext"], Awaitable[Artifact]]
@@ -440,11 +449,17 @@ class Engine:
             expires_at=time.time() + self.settings.job_ttl_s,
             progress=progress,
         )
+        # A free slot and nothing waiting: the job is claimed in its insert and starts as
+        # soon as that commits, without a second transaction or a trip through the queue.
+        claim = None
+        if self.settings.worker_concurrency and not self._slots.locked():
+            claim = Claim(self.worker_id, self.settings.lease_s, self._claimed_at_insert)
         inserted = await self.store.insert_job(
             new,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             limits=Limits(self.settings.max_queued, self.settings.max_active_per_user),
+            claim=claim,
         )
         if inserted.replayed:
             if inserted.request_hash != request_hash:
@@ -453,9 +468,31 @@ class Engine:
                 )
             return inserted
         log.info("job.queued job_id=%s kind=%s", inserted.job.id, kind)
-        self.hub.notify(inserted.job)
-        self._wakeup.set()
+        if inserted.job.status is JobStatus.QUEUED:
+            self.hub.notify(inserted.job)
+            self._wakeup.set()
         return inserted
+
+    def _claimed_at_insert(self, job: Job) -> None:
+        """A job claimed by its own insert is committed: start it (called by the store,
+        whatever happened to the request meanwhile)."""
+        if self._stopping:
+            return  # stop() gives it back with every job this worker holds
+        if self._slots.locked():
+            # The dispatcher took the last slot meanwhile: back to the queue with it.
+            task = asyncio.create_task(self._give_back(job), name=f"longdl give back {job.id}")
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            return
+        self._slots._value -= 1  # acquire without waiting: it is free (checked above)
+        self._start(job)
+
+    async def _give_back(self, job: Job) -> Job | None:
+        progress = store_base.requeued_progress(job, "Queued")
+        try:
+            return await self.store.release(job.id, self.worker_id, progress)
+        finally:
+            self._wakeup.set()
 
     async def get(self, job_id: str) -> Job | None:
         """The job as it is now; jobs running here come from memory, not a query."""

@@ -20,9 +20,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from longdl.models import Job, JobStatus, Priority, Progress
+
+T = TypeVar("T")
 
 #: Idempotency keys replay their job for this long.
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -91,6 +93,25 @@ class Inserted:
     replayed: bool
     #: The request hash stored with the idempotency key (replays only).
     request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Claim a new job at once for ``worker_id`` (see :meth:`Store.insert_job`)."""
+
+    worker_id: str
+    lease_s: float
+    #: Called on the event loop with the claimed job once it is committed.
+    on_claimed: Callable[[Job], None]
+
+
+@dataclass(frozen=True)
+class AfterCommit(Generic[T]):
+    """What a unit returns to have ``callback`` run once its transaction committed (and
+    only then); callers get ``value``."""
+
+    value: T
+    callback: Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -215,11 +236,15 @@ class Store(abc.ABC):
         idempotency_key: str | None = None,
         request_hash: str = "",
         limits: Limits | None = None,
+        claim: Claim | None = None,
     ) -> Inserted:
         """Insert a queued job, or return the job an idempotency key already names.
 
         Committed before it returns. A replay is returned even when the limits are
-        reached: it creates nothing.
+        reached: it creates nothing. With ``claim``, when no other job is waiting, the
+        job is inserted already claimed by that worker (one transaction instead of two,
+        no trip through the queue) and ``claim.on_claimed`` is called with it on the event
+        loop as soon as it is committed, whatever happens to the caller meanwhile.
 
         Raises:
             exceptions.Overloaded: ``limits.max_queued`` jobs are already waiting.

@@ -38,6 +38,8 @@ from longdl.models import Job, JobStatus, Progress
 from longdl.store import base
 from longdl.store.base import (
     IDEMPOTENCY_TTL_S,
+    AfterCommit,
+    Claim,
     DeliveryStatus,
     Heartbeat,
     Inserted,
@@ -54,7 +56,7 @@ from longdl.store.sqlite import row_to_delivery, row_to_job
 log = logging.getLogger("longdl.store")
 
 T = TypeVar("T")
-Unit = Callable[[asyncpg.Connection], Awaitable[T]]
+Unit = Callable[[asyncpg.Connection], Awaitable["T | AfterCommit[T]"]]
 ChangeListener = Callable[[str, str], None]
 
 #: Units sharing one transaction at most.
@@ -166,12 +168,16 @@ class _Writer:
 
     async def _together(self, units: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        after: list[Callable[[], object]] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 for unit, future in units:
                     try:
                         async with conn.transaction():  # a savepoint
                             value = await unit(conn)
+                        if isinstance(value, AfterCommit):
+                            after.append(value.callback)
+                            value = value.value
                     except _DATABASE_ERRORS:
                         raise  # the transaction is gone: the whole batch goes
                     except Exception as exc:
@@ -185,6 +191,11 @@ class _Writer:
                 if not future.done():
                     future.set_exception(error)
             return
+        for callback in after:
+            try:
+                callback()
+            except Exception:
+                log.exception("after-commit callback failed")
         for future, value, failure in outcomes:
             if future.done():
                 continue  # its caller was cancelled meanwhile: the unit still ran whole
@@ -442,9 +453,11 @@ class PostgresStore(base.Store):
         idempotency_key: str | None = None,
         request_hash: str = "",
         limits: Limits | None = None,
+        claim: Claim | None = None,
     ) -> Inserted:
         now = self._clock()
         progress = new.progress or Progress()
+        loop = asyncio.get_running_loop()
         params = {
             "id": new.id,
             "kind": new.kind,
@@ -462,7 +475,7 @@ class PostgresStore(base.Store):
         }
         key = {"owner": new.owner, "key": idempotency_key}
 
-        async def unit(conn: asyncpg.Connection) -> Inserted:
+        async def unit(conn: asyncpg.Connection) -> Inserted | AfterCommit[Inserted]:
             await _execute(conn, "lock_inserts", {})
             if idempotency_key is not None:
                 stale = {**key, "stale_before": now - IDEMPOTENCY_TTL_S}
@@ -471,6 +484,7 @@ class PostgresStore(base.Store):
                 if existing is not None:
                     row = await _fetchrow(conn, "get_job", {"id": existing["job_id"]})
                     return Inserted(row_to_job(row), True, existing["request_hash"])
+            waiting = claim is not None and await _fetchrow(conn, "any_queued", {}) is not None
             if limits is not None:
                 await _check_limits(conn, new.client, limits)
             row = await _fetchrow(conn, "insert_job", params)
@@ -479,6 +493,21 @@ class PostgresStore(base.Store):
                     conn,
                     "insert_key",
                     {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
+                )
+            if claim is not None and not waiting:
+                claimed = await _fetchrow(
+                    conn,
+                    "claim_new",
+                    {
+                        "id": new.id,
+                        "now": now,
+                        "worker_id": claim.worker_id,
+                        "lease_until": now + claim.lease_s,
+                    },
+                )
+                job = row_to_job(claimed)
+                return AfterCommit(  # the engine starts it once it is committed
+                    Inserted(job, False), lambda: loop.call_soon(claim.on_claimed, job)
                 )
             return Inserted(row_to_job(row), False)
 

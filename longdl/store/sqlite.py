@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -35,13 +34,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import aiosqlite
-
 from longdl import exceptions
 from longdl.models import Job, JobStatus, Priority, Progress
 from longdl.store import base
 from longdl.store.base import (
     IDEMPOTENCY_TTL_S,
+    AfterCommit,
+    Claim,
     DeliveryStatus,
     Heartbeat,
     Inserted,
@@ -57,7 +56,8 @@ from longdl.store.queries import migrations, queries
 log = logging.getLogger("longdl.store")
 
 T = TypeVar("T")
-Unit = Callable[[sqlite3.Connection], T]
+#: A unit of work on a writing connection; its value (or an AfterCommit) is the result.
+Unit = Callable[[sqlite3.Connection], "T | AfterCommit[T]"]
 
 Q = {name: query.sql for name, query in queries("sqlite").items()}
 
@@ -65,6 +65,10 @@ Q = {name: query.sql for name, query in queries("sqlite").items()}
 MAX_BATCH = 256
 #: Rows one maintenance statement touches at most.
 SWEEP_BATCH = 500
+#: A read waits at most this long for SQLite's rare reader locks (WAL recovery).
+READ_BUSY_TIMEOUT_MS = 50
+#: How often the WAL is copied back into the database while the loop writer writes.
+CHECKPOINT_INTERVAL_S = 1.0
 #: Worker rows without a heartbeat for this many seconds are forgotten.
 WORKER_ROW_TTL_S = 24 * 3600
 
@@ -141,6 +145,10 @@ def translate(exc: sqlite3.Error) -> exceptions.StoreUnavailable:
     return exceptions.StoreUnavailable(f"The database failed: {text}")
 
 
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
 def _statements(script: str) -> Iterable[str]:
     """The statements of a migration script (triggers included), one by one."""
     pending = ""
@@ -155,8 +163,78 @@ def _statements(script: str) -> Iterable[str]:
                 yield statement
 
 
+Outcome = tuple[Any, BaseException | None]
+
+
+def run_together(conn: sqlite3.Connection, units: Sequence[Unit[Any]]) -> list[Outcome]:
+    """Run ``units`` in one transaction, each in a savepoint of its own: a unit that
+    raises is undone alone. Returns each unit's (value, error).
+
+    Raises:
+        exceptions.StoreUnavailable: the transaction itself failed (the lock was not
+            free, the disk is full, SQLite rolled everything back): no unit took effect.
+    """
+    outcomes: list[Outcome] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        if len(units) == 1:
+            # Alone in its transaction, a unit needs no savepoint: its error undoes all.
+            try:
+                outcomes.append((units[0](conn), None))
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    exc = translate(exc)
+                return [(None, exc)]
+            conn.execute("COMMIT")
+            return [_committed(value, failure) for value, failure in outcomes]
+        for unit in units:
+            conn.execute("SAVEPOINT unit")
+            try:
+                value = unit(conn)
+            except BaseException as exc:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled the whole transaction back: the batch goes
+                conn.execute("ROLLBACK TO unit")
+                conn.execute("RELEASE unit")
+                if isinstance(exc, sqlite3.OperationalError):
+                    exc = translate(exc)
+                outcomes.append((None, exc))
+            else:
+                conn.execute("RELEASE unit")
+                outcomes.append((value, None))
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise translate(exc) from exc
+        raise
+    return [_committed(value, failure) for value, failure in outcomes]
+
+
+def _committed(value: Any, failure: BaseException | None) -> Outcome:
+    """A unit's outcome once its transaction committed: run what waited for that."""
+    if isinstance(value, AfterCommit):
+        try:
+            value.callback()
+        except Exception:
+            log.exception("after-commit callback failed")
+        value = value.value
+    return value, failure
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, exceptions.StoreBusy)
+
+
 class _Writer:
-    """The writing connection and its thread; concurrent units share a transaction."""
+    """A writing connection on a thread of its own; units queued while it works share a
+    transaction. It waits out other processes' locks (busy timeout) off the event loop,
+    and does what must not block it: checkpoints, and every commit when each one fsyncs
+    (``DB_SYNCHRONOUS=full``)."""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
@@ -231,8 +309,20 @@ class _Writer:
                 shared.append((unit, future))
             else:
                 self._alone(conn, unit, future)
-        if shared:
-            self._together(conn, shared)
+        if not shared:
+            return
+        try:
+            outcomes = run_together(conn, [unit for unit, _ in shared])
+        except BaseException as exc:
+            log.warning("store.write_failed units=%d error=%s", len(shared), exc)
+            for _, future in shared:
+                future.set_exception(exc)
+            return
+        for (_, future), (value, failure) in zip(shared, outcomes, strict=True):
+            if failure is None:
+                future.set_result(value)
+            else:
+                future.set_exception(failure)
 
     @staticmethod
     def _alone(
@@ -245,44 +335,83 @@ class _Writer:
                 conn.rollback()
             future.set_exception(exc)
 
-    @staticmethod
-    def _together(
-        conn: sqlite3.Connection,
-        units: list[tuple[Unit[Any], concurrent.futures.Future[Any]]],
-    ) -> None:
-        outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for unit, future in units:
-                conn.execute("SAVEPOINT unit")
-                try:
-                    value = unit(conn)
-                except BaseException as exc:
-                    if not conn.in_transaction:
-                        raise  # SQLite rolled the whole transaction back: the batch goes
-                    conn.execute("ROLLBACK TO unit")
-                    conn.execute("RELEASE unit")
-                    if isinstance(exc, sqlite3.OperationalError):
-                        exc = translate(exc)
-                    outcomes.append((future, None, exc))
-                else:
-                    conn.execute("RELEASE unit")
-                    outcomes.append((future, value, None))
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            error = translate(exc) if isinstance(exc, sqlite3.Error) else exc
-            log.warning("store.write_failed units=%d error=%s", len(units), exc)
-            for _, future in units:
-                future.set_exception(error)
+
+class _LoopWriter:
+    """A writing connection used on the event loop's own thread: the units queued during
+    one turn of the loop share one transaction, run synchronously at the next turn.
+
+    An SQLite write with ``synchronous=NORMAL`` in WAL mode takes microseconds and never
+    fsyncs (checkpoints, which do, run on the thread writer), so running it in place
+    costs less than handing it to a thread and back, which is most of a write's time.
+    It never waits for a lock: when another process holds the write lock, the batch goes
+    to the thread writer, which waits (``DB_BUSY_TIMEOUT_MS``) off the loop. A unit runs
+    whole or not at all: its caller cancelled before the batch runs drops it, and a
+    running batch has no await a cancel could land in.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, fallback: _Writer) -> None:
+        self._conn = conn
+        self._fallback = fallback
+        self._pending: list[tuple[Unit[Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self.commits = 0
+
+    async def run(self, unit: Unit[T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((unit, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch = [(unit, future) for unit, future in self._pending if not future.done()]
+        self._pending = []
+        if not batch:
             return
-        for future, value, failure in outcomes:
+        try:
+            outcomes = run_together(self._conn, [unit for unit, _ in batch])
+        except BaseException as exc:
+            if _is_busy(exc):
+                for unit, future in batch:
+                    self._hand_over(unit, future)
+                return
+            log.warning("store.write_failed units=%d error=%s", len(batch), exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.commits += 1
+        for (_, future), (value, failure) in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # cancelled meanwhile: the unit still ran whole
             if failure is None:
                 future.set_result(value)
             else:
                 future.set_exception(failure)
+
+    def _hand_over(self, unit: Unit[Any], future: asyncio.Future[Any]) -> None:
+        """Let the thread writer wait for the lock; its outcome becomes ``future``'s."""
+        task = asyncio.ensure_future(self._fallback.run(unit))
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if future.done():
+                return
+            if done.cancelled():
+                future.cancel()
+            elif done.exception() is not None:
+                future.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                future.set_result(done.result())
+
+        task.add_done_callback(settle)
+        # A caller that gives up before the thread takes the unit drops it there too.
+        future.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 class _WorkerLocks:
@@ -350,7 +479,6 @@ class SQLiteStore(base.Store):
         path: database file; created with its folder when missing (mode 0600).
         synchronous: ``normal`` (survives a process crash) or ``full`` (a power cut too).
         busy_timeout_ms: how long a write waits for another process's write lock.
-        readers: read connections.
         clock: source of epoch seconds, injectable for tests.
         on_connect: called with the writing connection once it is set up (to register
             SQL functions, or trace statements while debugging).
@@ -364,7 +492,6 @@ class SQLiteStore(base.Store):
         *,
         synchronous: Literal["normal", "full"] = "normal",
         busy_timeout_ms: int = 5000,
-        readers: int = 2,
         clock: Callable[[], float] = time.time,
         on_connect: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
@@ -373,22 +500,36 @@ class SQLiteStore(base.Store):
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self._clock = clock
-        self._reader_count = readers
         self._writer: _Writer | None = None
-        self._readers: list[aiosqlite.Connection] = []
-        self._next_reader = itertools.cycle(range(max(1, readers)))
+        self._loop_writer: _LoopWriter | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
         self._locks = _WorkerLocks(path.with_name(path.name + "-workers"))
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
+    def _connect(self, *, busy_timeout_ms: int, on_loop: bool = False) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            timeout=busy_timeout_ms / 1000,
+            check_same_thread=on_loop,
+        )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives a process crash (SIGKILL); FULL also a power cut.
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if on_loop:
+            # Checkpoints fsync: the thread writer runs them, never a commit on the loop.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
+
+    def _connect_writer(self, *, on_loop: bool = False) -> sqlite3.Connection:
+        conn = self._connect(
+            busy_timeout_ms=0 if on_loop else self.busy_timeout_ms, on_loop=on_loop
+        )
         if self._on_connect is not None:
             self._on_connect(conn)
         return conn
@@ -411,24 +552,50 @@ class SQLiteStore(base.Store):
         self._writer = writer
         try:
             await writer.run(self._migrate, transaction=False)
-            for _ in range(max(1, self._reader_count)):
-                reader = await aiosqlite.connect(self.path, isolation_level=None)
-                reader.row_factory = aiosqlite.Row
-                await reader.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-                await reader.execute("PRAGMA query_only = ON")
-                self._readers.append(reader)
+            # Reads on the loop: an indexed read of a committed WAL page costs less than a
+            # trip to a thread; readers never wait for writers in WAL mode.
+            self._reader_conn = self._connect(busy_timeout_ms=READ_BUSY_TIMEOUT_MS, on_loop=True)
+            self._reader_conn.execute("PRAGMA query_only = ON")
+            if self.synchronous == "normal":
+                self._loop_writer = _LoopWriter(self._connect_writer(on_loop=True), writer)
+                self._checkpoints = asyncio.create_task(
+                    self._checkpoint_loop(), name="longdl sqlite checkpoints"
+                )
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        readers, self._readers = self._readers, []
-        for reader in readers:
-            await reader.close()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            await asyncio.gather(self._checkpoints, return_exceptions=True)
+            self._checkpoints = None
+        if self._loop_writer is not None:
+            self._loop_writer._flush()  # what was queued this turn still lands
+            self._loop_writer.close()
+            self._loop_writer = None
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
         await asyncio.to_thread(self._locks.release_all)
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database now and then, on the thread writer (it fsyncs),
+        when the loop writer committed since the last time."""
+        done = 0
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            loop_writer, writer = self._loop_writer, self._writer
+            if loop_writer is None or writer is None or loop_writer.commits == done:
+                continue
+            done = loop_writer.commits
+            try:
+                await writer.run(_checkpoint, transaction=False)
+            except Exception as exc:
+                log.warning("store.checkpoint_failed error=%r", exc)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -451,22 +618,28 @@ class SQLiteStore(base.Store):
             log.info("store.migrated version=%d name=%s", migration.number, migration.name)
 
     async def _write(self, unit: Unit[T]) -> T:
+        if self._loop_writer is not None:
+            return await self._loop_writer.run(unit)
         if self._writer is None:
             raise RuntimeError("store is not open")
         return await self._writer.run(unit)
 
-    def _reader(self) -> aiosqlite.Connection:
-        if not self._readers:
+    def _reader(self) -> sqlite3.Connection:
+        if self._reader_conn is None:
             raise RuntimeError("store is not open")
-        return self._readers[next(self._next_reader) % len(self._readers)]
+        return self._reader_conn
 
     async def _read_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
-        async with self._reader().execute(Q[name], params or {}) as cur:
-            return list(await cur.fetchall())
+        try:
+            return self._reader().execute(Q[name], params or {}).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise translate(exc) from exc
 
     async def _read_one(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
-        async with self._reader().execute(Q[name], params or {}) as cur:
-            return await cur.fetchone()
+        try:
+            return self._reader().execute(Q[name], params or {}).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise translate(exc) from exc
 
     async def ping(self) -> None:
         await self._read_one("queued_count")
@@ -479,8 +652,7 @@ class SQLiteStore(base.Store):
         return await self._write(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
 
     async def schema_version(self) -> int:
-        async with self._reader().execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+        row = self._reader().execute("PRAGMA user_version").fetchone()
         return int(row[0]) if row else 0
 
     # --- reads -------------------------------------------------------------------------
@@ -531,9 +703,11 @@ class SQLiteStore(base.Store):
         idempotency_key: str | None = None,
         request_hash: str = "",
         limits: Limits | None = None,
+        claim: Claim | None = None,
     ) -> Inserted:
         now = self._clock()
         progress = new.progress or Progress()
+        loop = asyncio.get_running_loop()
         params = {
             "id": new.id,
             "kind": new.kind,
@@ -551,7 +725,7 @@ class SQLiteStore(base.Store):
         }
         key = {"owner": new.owner, "key": idempotency_key}
 
-        def unit(conn: sqlite3.Connection) -> Inserted:
+        def unit(conn: sqlite3.Connection) -> Inserted | AfterCommit[Inserted]:
             if idempotency_key is not None:
                 stale = {**key, "stale_before": now - IDEMPOTENCY_TTL_S}
                 conn.execute(Q["delete_stale_key"], stale)
@@ -559,6 +733,7 @@ class SQLiteStore(base.Store):
                 if existing is not None:
                     row = conn.execute(Q["get_job"], {"id": existing["job_id"]}).fetchone()
                     return Inserted(row_to_job(row), True, existing["request_hash"])
+            waiting = conn.execute(Q["queued_count"]).fetchone()
             if limits is not None:
                 _check_limits(conn, new.client, limits)
             row = conn.execute(Q["insert_job"] + " RETURNING *", params).fetchone()
@@ -566,6 +741,21 @@ class SQLiteStore(base.Store):
                 conn.execute(
                     Q["insert_key"],
                     {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
+                )
+            if claim is not None and not (waiting and waiting["n"]):
+                claimed = conn.execute(
+                    Q["claim_new"],
+                    {
+                        "id": new.id,
+                        "now": now,
+                        "worker_id": claim.worker_id,
+                        "lease_until": now + claim.lease_s,
+                    },
+                ).fetchone()
+                job = row_to_job(claimed)
+                return AfterCommit(  # the engine starts it once it is committed
+                    Inserted(job, False),
+                    lambda: loop.call_soon_threadsafe(claim.on_claimed, job),
                 )
             return Inserted(row_to_job(row), False)
 

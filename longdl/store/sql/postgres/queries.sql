@@ -104,6 +104,16 @@ UPDATE jobs
                FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
+-- name: claim_new
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, started_at = :now, updated_at = :now,
+       worker_id = :worker_id, lease_expires_at = :lease_until
+ WHERE id = :id AND status = 'queued'
+RETURNING *;
+
+-- name: any_queued
+SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1;
+
 -- name: save_progress
 UPDATE jobs SET progress = :progress::jsonb, updated_at = :now
  WHERE id = :id AND worker_id = :worker_id

@@ -93,6 +93,14 @@ UPDATE jobs
                LIMIT :limit)
 RETURNING *;
 
+-- name: claim_new
+-- A job claimed in the transaction that inserts it (nothing else was waiting).
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, started_at = :now, updated_at = :now,
+       worker_id = :worker_id, lease_expires_at = :lease_until
+ WHERE id = :id AND status = 'queued'
+RETURNING *;
+
 -- name: save_progress
 UPDATE jobs SET progress = :progress, updated_at = :now
  WHERE id = :id AND worker_id = :worker_id
