@@ -155,6 +155,38 @@ async def test_polling_routes_have_their_own_budget(make_client: AppFactory) -> 
     assert "50" == polls[0].headers["RateLimit-Limit"]
 
 
+@pytest.mark.parametrize("path", ["/", "/health", "/openapi.json", "/ui", "/v2/nothing"])
+async def test_rate_limit_headers_outside_v1(make_client: AppFactory, path: str) -> None:
+    """Routes outside /v1 carry RateLimit-* too, and count against the polling budget."""
+    client = await make_client(rate_limit_max_requests=5, rate_limit_poll_max_requests=50)
+    first = await client.get(path, allow_redirects=False)
+    second = await client.get(path, allow_redirects=False)
+    assert ("50", "50;w=60") == (
+        first.headers["RateLimit-Limit"],
+        first.headers["RateLimit-Policy"],
+    )
+    assert 1 == int(first.headers["RateLimit-Remaining"]) - int(
+        second.headers["RateLimit-Remaining"]
+    )
+
+
+async def test_service_routes_are_limited_too(make_client: AppFactory) -> None:
+    """Once the polling budget is spent, GET / is 429 with Retry-After like any route."""
+    client = await make_client(rate_limit_poll_max_requests=2)
+    answers = [await client.get("/") for _ in range(3)]
+    assert [200, 200, 429] == [r.status for r in answers]
+    assert answers[2].headers["Retry-After"]
+
+
+async def test_preflight_shows_the_window_without_spending_it(make_client: AppFactory) -> None:
+    """A CORS preflight carries RateLimit-* of the route it asks about, and costs nothing."""
+    client = await make_client(rate_limit_max_requests=5)
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+    answers = [await client.options("/v1/download/check", headers=preflight) for _ in range(2)]
+    assert [204, 204] == [r.status for r in answers]
+    assert ["5", "5"] == [r.headers["RateLimit-Remaining"] for r in answers]
+
+
 async def test_forwarded_for_is_ignored_from_untrusted_peers(make_client: AppFactory) -> None:
     """A client cannot get a fresh budget by inventing X-Forwarded-For."""
     client = await make_client(rate_limit_max_requests=1)
