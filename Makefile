@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run seed test lint typecheck bench clean
+.PHONY: install run seed test lint typecheck fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -38,6 +38,11 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# schemathesis, every check, against a real longdl serve: over 2,000 generated cases.
+# (make test runs a short campaign: tests/test_schemathesis.py.)
+fuzz: install
+	$(BIN)/python tests/fuzz.py --max-examples 150 --seed 7
 
 # Measurements, not pass/fail tests: each prints its figures (see bench/__init__.py).
 bench: install

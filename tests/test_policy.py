@@ -274,6 +274,50 @@ async def test_wrong_method_is_405_with_allow(client: TestClient[Any, Any]) -> N
     assert "POST" in response.headers["Allow"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/download/initiate"),
+        ("GET", "/v1/download/start"),
+        ("GET", "/v1/download/check"),
+        ("DELETE", "/v1/download/initiate"),
+        ("OPTIONS", "/v1/download/check"),
+    ],
+)
+async def test_wrong_method_on_a_post_route_is_405_not_a_job(
+    client: TestClient[Any, Any], method: str, path: str
+) -> None:
+    """GET /v1/download/initiate is a wrong method (405, Allow: POST), not job "initiate"."""
+    response = await client.request(method, path)
+    body = await response.json()
+    assert (405, "POST") == (response.status, response.headers["Allow"])
+    assert "METHOD_NOT_ALLOWED" == body["code"]
+
+
+async def test_wrong_method_elsewhere_allows_only_the_documented_methods(
+    client: TestClient[Any, Any],
+) -> None:
+    """PUT on a job's result URL lists the methods of that route, nothing from its neighbours."""
+    response = await client.put(f"/v1/download/{uuid.uuid4()}")
+    assert 405 == response.status
+    assert {"DELETE", "GET", "HEAD"} == set(response.headers["Allow"].split(","))
+
+
+async def test_every_problem_carries_a_code(client: TestClient[Any, Any]) -> None:
+    """404 for an unknown route, 405 and 413 name a code, like the service's own problems."""
+    answers = [
+        await client.get("/v2/nothing"),
+        await client.put("/v1/download/initiate", json={}),
+        await client.post(
+            "/v1/download/initiate",
+            data=b'{"pad": "' + b"x" * 70_000 + b'"}',
+            headers={"Content-Type": "application/json"},
+        ),
+    ]
+    codes = [(r.status, (await r.json()).get("code")) for r in answers]
+    assert [(404, "NOT_FOUND"), (405, "METHOD_NOT_ALLOWED"), (413, "BODY_TOO_LARGE")] == codes
+
+
 class BrokenStorage(LocalStorage):
     """A real local storage whose head() hits a bug."""
 
