@@ -4,6 +4,7 @@ reverse, reached through the typed keys of :mod:`longdl.web.keys`."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
@@ -79,11 +80,17 @@ def create_app(
             settings.worker_concurrency,
         )
         yield
-        await engine.stop()
+        # The grace started at drain: jobs ran on while aiohttp waited for open requests.
+        drained_at = shutdown_started.get("at")
+        spent_s = 0.0 if drained_at is None else time.monotonic() - drained_at
+        await engine.stop(grace_s=max(0.0, settings.shutdown_grace_s - spent_s))
+
+    shutdown_started: dict[str, float] = {}
 
     async def drain(app: web.Application) -> None:
         # on_shutdown runs as soon as the server stops listening, before aiohttp waits
         # for open requests: waiters answer now and new jobs get 503.
+        shutdown_started["at"] = time.monotonic()
         if keys.ENGINE in app:
             app[keys.ENGINE].drain()
 

@@ -105,7 +105,9 @@ def run(app: web.Application, settings: Settings) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        shutdown_timeout=settings.shutdown_grace_s + 5,
+        # Open requests get the same grace as running jobs, at the same time (app.py), so a
+        # stop takes about SHUTDOWN_GRACE_S in all, inside a container engine's 10 s.
+        shutdown_timeout=settings.shutdown_grace_s,
         access_log=None,
         print=lambda text: logging.getLogger("longdl").info("%s", text.strip().replace("\n", " ")),
     )

@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=30.0, gt=0)
     #: Progress is written to SQLite at most this often.
     progress_flush_ms: int = Field(default=1000, ge=10)
-    #: Seconds running jobs get to finish on SIGTERM before they are re-queued.
-    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    #: Seconds running jobs (and open requests) get to finish on SIGTERM before the jobs are
+    #: re-queued. Below the 10 s docker/podman stop waits before SIGKILL; raise both together.
+    shutdown_grace_s: float = Field(default=7.0, ge=0)
 
     #: Simulate upstream latency while resolving files (as in the original service).
     download_delay_enabled: bool = False

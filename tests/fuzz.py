@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from service import ServiceProcess  # noqa: E402
+from service import ServiceProcess
 
 #: Limits and caps lifted so generated requests reach the logic instead of a 429 or 503.
 LIFTED = {

@@ -145,10 +145,16 @@ async def _changed_within(changed: asyncio.Event, timeout_s: float) -> bool:
     params=[
         JOB_ID,
         Param(
-            "Last-Event-ID", "header", "Resume: the id of the last event received", LAST_EVENT_ID_SCHEMA
+            "Last-Event-ID",
+            "header",
+            "Resume: the id of the last event received",
+            LAST_EVENT_ID_SCHEMA,
         ),
         Param(
-            "lastEventId", "query", "Resume, for clients that cannot set headers", LAST_EVENT_ID_SCHEMA
+            "lastEventId",
+            "query",
+            "Resume, for clients that cannot set headers",
+            LAST_EVENT_ID_SCHEMA,
         ),
     ],
     responses={
