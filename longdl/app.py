@@ -73,12 +73,21 @@ def create_app(
         engine.hub.add_listener(app[metrics.METRICS].on_job_change)
         await engine.start()
         app[keys.ENGINE] = engine
+        where = (
+            settings.storage_summary()
+            if storage is None
+            else f"storage={app[keys.STORAGE].name} (passed to create_app)"
+        )
         log.info(
-            "longdl ready storage=%s data_dir=%s workers=%d",
-            app[keys.STORAGE].name,
-            settings.data_dir,
+            "longdl ready %s data_dir=%s workers=%d",
+            where,
+            settings.data_dir.resolve(),
             settings.worker_concurrency,
         )
+        if settings.ignored_s3_variables and storage is None:
+            log.warning(
+                "STORAGE_BACKEND=local: ignoring %s", ", ".join(settings.ignored_s3_variables)
+            )
         yield
         # The grace started at drain: jobs ran on while aiohttp waited for open requests.
         drained_at = shutdown_started.get("at")

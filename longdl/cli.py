@@ -17,10 +17,11 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+import pydantic
 from aiohttp import web
 
 import longdl
-from longdl import cli_client
+from longdl import cli_client, config
 from longdl import storage as storage_backends
 from longdl.config import Settings
 from longdl.seed import DEMO_FILE_IDS, seed
@@ -142,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_client.run(args)
     try:
         settings = settings_from(args)
-    except Exception as exc:  # pydantic.ValidationError: show it without a traceback
-        print(f"longdl: invalid settings: {exc}", file=sys.stderr)
+    except pydantic.ValidationError as exc:  # show what to fix, without a traceback
+        print(f"longdl: invalid settings:\n{config.describe_error(exc)}", file=sys.stderr)
         return 2
     if args.command == "serve":
         return cmd_serve(settings)
