@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run seed test lint typecheck fuzz bench clean
+.PHONY: install run seed test lint typecheck fuzz container-test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -43,6 +43,11 @@ test: lint typecheck
 # (make test runs a short campaign: tests/test_schemathesis.py.)
 fuzz: install
 	$(BIN)/python tests/fuzz.py --max-examples 150 --seed 7
+
+# Build the Dockerfile with podman and check the image as a user would (as root; .ci/run
+# installs podman and mmdebstrap). Plain python3: the check needs only the stdlib.
+container-test:
+	$(PYTHON) tests/container_check.py
 
 # Measurements, not pass/fail tests: each prints its figures (see bench/__init__.py).
 bench: install

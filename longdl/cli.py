@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -114,6 +117,26 @@ def run(app: web.Application, settings: Settings) -> None:
     )
 
 
+def data_dir_problem(path: Path) -> str | None:
+    """Why this process cannot keep its files in DATA_DIR ``path``, or None if it can.
+
+    Checked at start so a bind mount owned by someone else is a one-line message that
+    says what to change, not a traceback from deep inside SQLite.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".longdl-write-test-"):
+            pass
+    except OSError as exc:
+        uid = os.getuid()
+        return (
+            f"DATA_DIR {path} is not writable by this process (uid {uid}): {exc.strerror}. "
+            f"Give uid {uid} the folder (chown -R {uid} on the host, for a bind mount) "
+            "or point DATA_DIR at a writable one."
+        )
+    return None
+
+
 def cmd_serve(settings: Settings) -> int:
     from longdl.app import create_app
 
@@ -146,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except pydantic.ValidationError as exc:  # show what to fix, without a traceback
         print(f"longdl: invalid settings:\n{config.describe_error(exc)}", file=sys.stderr)
         return 2
+    if args.command == "serve" or settings.storage_backend == "local":
+        problem = data_dir_problem(settings.data_dir)
+        if problem is not None:
+            print(f"longdl: {problem}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         return cmd_serve(settings)
     return cmd_seed(settings, args.file_ids)

@@ -331,3 +331,20 @@ def test_progress_prints_periodic_lines_otherwise() -> None:
 
     lines = stream.getvalue().splitlines()
     assert ["0.0%", "40.0%", "80.0%", "100.0%"] == [line.split()[2] for line in lines]
+
+
+def test_serve_says_so_when_data_dir_is_not_writable(tmp_path: Path) -> None:
+    """A DATA_DIR that cannot be written is one line naming it and the uid, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "longdl", "serve"],
+        env={**os.environ, "DATA_DIR": str(blocker / "data"), "PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert 2 == result.returncode
+    assert f"DATA_DIR {blocker / 'data'} is not writable" in result.stderr
+    assert f"uid {os.getuid()}" in result.stderr
+    assert "Traceback" not in result.stderr
