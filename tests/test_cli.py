@@ -264,6 +264,44 @@ def test_jobs_show_prints_the_job(service: ServiceProcess, tmp_path: Path) -> No
     assert job_id == JobOut.model_validate_json(shown.stdout).jobId
 
 
+def test_jobs_show_takes_the_short_id_get_prints(service: ServiceProcess, tmp_path: Path) -> None:
+    """The 8 characters the progress line shows (``job 257d5e1c``) are enough for jobs show."""
+    job_id = longdl(service, "get", "70007", "--no-wait", cwd=tmp_path).stdout.strip()
+    shown = longdl(service, "jobs", "show", job_id[:8], "--json", cwd=tmp_path)
+    assert 0 == shown.returncode, shown.stderr
+    assert job_id == JobOut.model_validate_json(shown.stdout).jobId
+
+
+def test_a_prefix_of_several_jobs_is_a_usage_error(service: ServiceProcess, tmp_path: Path) -> None:
+    """A prefix two jobs share exits 2 naming them, rather than picking one."""
+    for index in range(17):  # 17 ids over 16 first hex digits: two share one
+        longdl(service, "get", "70000", "-o", f"{index}.zip", "--no-wait", cwd=tmp_path)
+    listed = longdl(service, "jobs", "ls", "--limit", "100", "--json", cwd=tmp_path)
+    ids = [item["jobId"] for item in json.loads(listed.stdout)["items"]]
+    shared = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+
+    result = longdl(service, "jobs", "show", shared, cwd=tmp_path)
+
+    assert 2 == result.returncode
+    assert f"{shared} starts several jobs" in result.stderr
+
+
+def test_jobs_cancel_takes_a_prefix(service: ServiceProcess, tmp_path: Path) -> None:
+    """jobs cancel resolves a prefix too: here to a finished job, which it cannot cancel."""
+    job_id = longdl(service, "get", "70014", "-o", "c.zip", "--no-wait", cwd=tmp_path).stdout
+    longdl(service, "get", "70014", "-o", "c.zip", cwd=tmp_path)  # the same job, finished
+    result = longdl(service, "jobs", "cancel", job_id.strip()[:8], cwd=tmp_path)
+    assert 1 == result.returncode
+    assert "The job is already completed" in result.stderr
+
+
+def test_a_prefix_of_no_job_exits_3(service: ServiceProcess, tmp_path: Path) -> None:
+    """A prefix no job of the caller starts with is "no such job" (exit 3)."""
+    result = longdl(service, "jobs", "show", "zzzzzzzz", cwd=tmp_path)
+    assert 3 == result.returncode
+    assert "No job of yours starts with zzzzzzzz" in result.stderr
+
+
 @pytest.mark.parametrize("action", ["show", "cancel"])
 def test_unknown_job_exits_3(service: ServiceProcess, tmp_path: Path, action: str) -> None:
     """jobs show/cancel of a job that does not exist exit 3 with the server's message."""
