@@ -109,14 +109,21 @@ def test_get_resumes_after_ctrl_c(service: ServiceProcess, tmp_path: Path) -> No
     part = api.part_path(target)
     env = {**os.environ, "LONGDL_URL": service.url}
     command = [sys.executable, "-m", "longdl", "get", str(BIG_ID), "-o", "big.zip"]
-    proc = subprocess.Popen(
-        [*command, "--limit-rate", "1M"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Run as under `nohup make test &`, where SIGINT is ignored and children inherit that:
+    # the child must get the default handler back, as a terminal's Ctrl-C would find it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(
+            [*command, "--limit-rate", "1M"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 30
         while not (part.exists() and part.stat().st_size > 0):
