@@ -306,7 +306,13 @@ class JobOut(BaseModel):
     clientRequestId: str | None
     timestamps: TimestampsOut
     elapsedSeconds: float
-    downloadUrl: str | None
+    downloadUrl: str | None = Field(
+        description=(
+            "Signed now, once completed. Local storage: relative (/files/...), so it "
+            "resolves against the URL the client used, through any proxy; absolute on "
+            "PUBLIC_URL when that is set. S3: the presigned URL (absolute)."
+        )
+    )
     result: ResultOut | None
     error: ErrorOut | None
     expiresAt: str | None
@@ -396,7 +402,12 @@ class StartOut(BaseModel):
 
     file_id: int
     status: Literal["completed", "failed"]
-    downloadUrl: str | None = Field(description="Signed URL when completed; absolute.")
+    downloadUrl: str | None = Field(
+        description=(
+            "Signed URL when completed; always absolute, as the original service answered: "
+            "on PUBLIC_URL when set, else on the scheme and Host of this request."
+        )
+    )
     size: int | None = Field(description="Size of the download in bytes.")
     processingTimeMs: int
     message: str
