@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run seed test lint typecheck fuzz container-test bench clean
+.PHONY: install run seed test lint typecheck fuzz container-test bench bench-quick bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -49,9 +50,26 @@ fuzz: install
 container-test:
 	$(PYTHON) tests/container_check.py
 
-# Measurements, not pass/fail tests: each prints its figures (see bench/__init__.py).
-bench: install
+# Measurements, not pass/fail tests (see bench/__init__.py). `make bench` runs every figure
+# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~8 min);
+# `make bench-quick` runs P1, P2 and P5 and only prints the table (~1 min).
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+# wrk and redis-server from Debian when missing (as root); RUNLEVEL=1 keeps the package
+# from starting Redis as a system service: the benchmarks run their own, in the foreground.
+bench-tools:
+	@if ! command -v wrk >/dev/null || ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" != 0 ]; then echo "make bench needs wrk and redis-server: apt-get install wrk redis-server"; exit 1; fi; \
+		apt-get update -q && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk redis-server; \
+	fi
+
+bench: $(BENCH_STAMP) bench-tools
 	$(BIN)/python -m bench
+
+bench-quick: $(BENCH_STAMP) bench-tools
+	$(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) longdl-data .pytest_cache .mypy_cache .ruff_cache

@@ -135,9 +135,9 @@ def _reset_peak_rss() -> None:
 async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     from longdl import handlers
     from longdl import storage as storage_backends
+    from longdl import store as stores
     from longdl.config import Settings
     from longdl.engine import Engine
-    from longdl.store import Store
 
     s3server = _s3server()
     settings = Settings(
@@ -152,7 +152,7 @@ async def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         sweep_interval_s=3600,
     )
     storage = storage_backends.from_settings(settings)
-    store = Store(settings.database_path)
+    store = stores.from_settings(settings)
     await storage.open()
     await store.open()
     engine = Engine(store, storage, handlers.builtin(), settings)

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
+from longdl import store as stores
 from longdl import webhooks
-from longdl.config import Settings
-from longdl.engine import Engine, Handler
-from longdl.store import Store
+from longdl.config import Settings, check_replica_secrets
+from longdl.engine import Engine, Handler, new_worker_id
 from longdl.web import events, files, keys, metrics, openapi, policy, problems, routes, ui
 
 log = logging.getLogger("longdl")
@@ -54,8 +54,12 @@ def create_app(
     metrics.install(app)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 
+    worker_id = new_worker_id()
+    app[keys.WORKER_ID] = worker_id
+
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = Store(settings.database_path)
+        check_replica_secrets(settings)
+        store = stores.from_settings(settings, worker_id)
         await store.open()
         app[keys.STORE] = store
         yield
@@ -69,7 +73,9 @@ def create_app(
         await backend.close()
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-        engine = Engine(app[keys.STORE], app[keys.STORAGE], all_handlers, settings)
+        engine = Engine(
+            app[keys.STORE], app[keys.STORAGE], all_handlers, settings, worker_id=worker_id
+        )
         engine.hub.add_listener(app[metrics.METRICS].on_job_change)
         await engine.start()
         app[keys.ENGINE] = engine
@@ -79,10 +85,12 @@ def create_app(
             else f"storage={app[keys.STORAGE].name} (passed to create_app)"
         )
         log.info(
-            "longdl ready %s data_dir=%s workers=%d",
+            "longdl ready store=%s %s data_dir=%s workers=%d worker_id=%s",
+            app[keys.STORE].name,
             where,
             settings.data_dir.resolve(),
             settings.worker_concurrency,
+            worker_id,
         )
         if settings.ignored_s3_variables and storage is None:
             log.warning(

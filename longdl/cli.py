@@ -26,7 +26,7 @@ from aiohttp import web
 import longdl
 from longdl import cli_client, config
 from longdl import storage as storage_backends
-from longdl.config import Settings
+from longdl.config import Settings, check_replica_secrets
 from longdl.seed import DEMO_FILE_IDS, seed
 
 
@@ -137,9 +137,22 @@ def data_dir_problem(path: Path) -> str | None:
     return None
 
 
+def writes_data_dir(settings: Settings, command: str) -> bool:
+    """Whether ``command`` keeps files in DATA_DIR: local storage (and its signing key),
+    and for serve the SQLite store or a generated webhook secret."""
+    if settings.storage_backend == "local":
+        return True
+    return command == "serve" and (not settings.database_url or not settings.webhook_secret)
+
+
 def cmd_serve(settings: Settings) -> int:
     from longdl.app import create_app
 
+    try:
+        check_replica_secrets(settings)
+    except ValueError as exc:
+        print(f"longdl: {exc}", file=sys.stderr)
+        return 2
     run(create_app(settings), settings)
     return 0
 
@@ -169,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except pydantic.ValidationError as exc:  # show what to fix, without a traceback
         print(f"longdl: invalid settings:\n{config.describe_error(exc)}", file=sys.stderr)
         return 2
-    if args.command == "serve" or settings.storage_backend == "local":
+    if writes_data_dir(settings, args.command):
         problem = data_dir_problem(settings.data_dir)
         if problem is not None:
             print(f"longdl: {problem}", file=sys.stderr)

@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     port: int = Field(default=3000, ge=0, le=65535)
     #: Folder holding the SQLite database, the signing secret and local storage.
     data_dir: Path = Path("./longdl-data")
+    #: PostgreSQL for several replicas sharing one queue (``postgresql://user:pw@host/db``,
+    #: or ``postgresql://user@/db?host=/run/postgresql``); unset: SQLite in DATA_DIR.
+    database_url: str | None = None
+    #: Most PostgreSQL connections one replica opens (plus one that listens).
+    db_pool_size: int = Field(default=10, ge=1, le=200)
     #: Absolute base URL clients reach the service at, for links; derived from the request if unset.
     public_url: str | None = None
     #: Log level name.
@@ -158,8 +163,8 @@ class Settings(BaseSettings):
     #: Idle read timeout of one S3 request.
     s3_read_timeout_s: float = Field(default=30.0, gt=0)
 
-    #: Jobs run at once.
-    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    #: Jobs run at once; 0: this process only serves the API (other replicas run jobs).
+    worker_concurrency: int = Field(default=4, ge=0, le=256)
     #: Attempts per job before it fails for good.
     max_attempts: int = Field(default=3, ge=1, le=20)
     #: First retry delay ceiling; doubles each attempt (full jitter).
@@ -179,6 +184,19 @@ class Settings(BaseSettings):
     #: Seconds running jobs (and open requests) get to finish on SIGTERM before the jobs are
     #: re-queued. Below the 10 s docker/podman stop waits before SIGKILL; raise both together.
     shutdown_grace_s: float = Field(default=7.0, ge=0)
+    #: How long a claimed job stays this process's without a heartbeat; a job whose
+    #: lease runs out (its process died) is re-queued by any live process.
+    lease_s: float = Field(default=30.0, ge=1)
+    #: Times a job may lose its process (crash, kill, lost lease) before it fails with
+    #: WORKER_LOST instead of running again: a job that kills its process cannot loop.
+    max_stalls: int = Field(default=2, ge=1, le=100)
+
+    #: SQLite durability: ``normal`` survives a process crash, ``full`` also a power cut
+    #: (one fsync per commit; concurrent writes share it).
+    db_synchronous: Literal["normal", "full"] = "normal"
+    #: How long a write waits for another process holding the database's write lock
+    #: before the request gets 503 (SQLite; at most half of REQUEST_TIMEOUT_MS).
+    db_busy_timeout_ms: int = Field(default=5000, ge=0)
 
     #: Simulate upstream latency while resolving files (as in the original service).
     download_delay_enabled: bool = False
@@ -247,6 +265,13 @@ class Settings(BaseSettings):
         "webhook_allow_hosts",
         mode="before",
     )(_split_csv)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL")
+        return value or None
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -324,3 +349,29 @@ class Settings(BaseSettings):
     @property
     def retry_max_s(self) -> float:
         return self.retry_max_ms / 1000
+
+
+def check_replica_secrets(settings: Settings) -> None:
+    """Refuse PostgreSQL without shared secrets: replicas behind one load balancer must
+    sign URLs and webhooks with the same keys, or a link minted by one is refused by
+    another and receivers see two signing keys.
+
+    A DATA_DIR that already holds the key passes (one replica, or a shared volume).
+
+    Raises:
+        ValueError: with what to set, and why.
+    """
+    if not settings.database_url:
+        return
+    for variable, filename in (
+        ("SIGNING_SECRET", "signing.key"),
+        ("WEBHOOK_SECRET", "webhook-secret"),
+    ):
+        if getattr(settings, variable.lower()) or (settings.data_dir / filename).exists():
+            continue
+        raise ValueError(
+            f"{variable} is not set: with DATABASE_URL several replicas share one queue, and "
+            f"each would make up its own key in its DATA_DIR ({filename}), so URLs signed "
+            f"by one replica would be refused by the others. Set the same {variable} on "
+            "every replica."
+        )

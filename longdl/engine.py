@@ -1,8 +1,22 @@
-"""The job engine: one dispatcher, bounded concurrency, named tasks, retries, TTL sweeps.
+"""The job engine: one dispatcher, bounded concurrency, named tasks, leases, sweeps.
 
 It knows the :class:`~longdl.store.Store` and :class:`~longdl.storage.Storage`
-interfaces, not SQL or S3. Every job runs as a task named ``longdl job {id}``; its
-final status write is shielded so a shutdown cannot lose it.
+interfaces, not SQL or S3. Each process is a *worker* with an id made at start-up; the
+jobs it claims are leased in that name, and its heartbeat (with the progress flush)
+renews the leases. Every job runs as a task named ``longdl job {id}``; its final status
+write runs as a task of its own, retried until it lands, so neither a shutdown nor a
+failing database can lose it.
+
+Background loops:
+
+- the dispatcher claims queued jobs when slots are free;
+- the heartbeat writes progress (at most every PROGRESS_FLUSH_MS) and renews leases
+  (at least every LEASE_S / 3), and learns which jobs it lost (canceled elsewhere, or
+  re-queued by another process after its lease ran out);
+- maintenance re-queues stalled jobs of dead workers (every LEASE_S / 3 and at
+  start-up), and every SWEEP_INTERVAL_S expires finished jobs past their TTL in batches
+  until none is due, purges old rows, empties the trash and (every ORPHAN_SCAN_EVERY
+  sweeps, and at start-up) removes partial uploads nobody is writing.
 """
 
 from __future__ import annotations
@@ -11,23 +25,44 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import re
+import socket
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from longdl import exceptions, retry
 from longdl.config import Settings
 from longdl.models import Job, JobStatus, Priority, Progress
-from longdl.storage import Storage
-from longdl.store import Inserted, Limits, NewJob, Store
+from longdl.storage import ObjectInfo, Partial, SignedUrl, Storage
+from longdl.store import Inserted, Limits, NewJob, Store, WorkerInfo
+from longdl.store import base as store_base
 
 log = logging.getLogger("longdl.engine")
 
 #: Shortest gap between two change notifications of one job's progress.
 NOTIFY_INTERVAL_S = 0.05
+#: The dispatcher looks for claimable jobs at least this often, so jobs another process
+#: queued (or a request that was cut off before it could wake us) start without delay.
+IDLE_POLL_S = 1.0
+#: Jobs claimed in one statement at most.
+CLAIM_BATCH = 32
+#: Rows one maintenance step handles at most (it loops until nothing is due).
+SWEEP_BATCH = 500
+#: Partial uploads are looked for at start-up and every this many sweeps.
+ORPHAN_SCAN_EVERY = 10
+#: Longest wait between two tries of a final status write (or any maintenance step).
+MAX_RETRY_DELAY_S = 5.0
+#: What a job given back at a graceful shutdown says.
+RELEASED = "Re-queued: the service restarted"
+#: A sweep deleting trash items has them for this long before another may try.
+TRASH_LEASE_S = 60.0
+
+StopReason = Literal["cancel", "shutdown", "lost"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +87,13 @@ Handler = Callable[["JobContext"], Awaitable[Artifact]]
 Listener = Callable[[Job], None]
 
 
+def new_worker_id() -> str:
+    """A fresh worker id: unique per process start, readable in logs, safe in a file
+    name (letters, digits and dashes)."""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32].strip("-") or "host"
+    return f"w-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 class JobContext:
     """What a handler gets: the job, storage, settings and progress reporting.
 
@@ -62,7 +104,9 @@ class JobContext:
     def __init__(self, engine: Engine, running: _Running) -> None:
         self._engine = engine
         self._running = running
-        self.storage = engine.storage
+        #: Storage; every key written through it is noted against the job first, so what
+        #: does not become the job's result is deleted when the job ends.
+        self.storage: Storage = _JobStorage(engine, running)
         self.settings = engine.settings
 
     @property
@@ -78,11 +122,12 @@ class JobContext:
         return self._running.job.payload
 
     @property
-    def stop_reason(self) -> Literal["cancel", "shutdown"] | None:
+    def stop_reason(self) -> StopReason | None:
         """Why the job is being stopped, for a handler's ``except CancelledError``:
         ``"cancel"`` (the caller canceled it: clean up for good), ``"shutdown"`` (it will
-        be re-queued and run again: keep what a later attempt can resume), or None (the
-        time limit, or not stopping)."""
+        be re-queued and run again: keep what a later attempt can resume), ``"lost"``
+        (another process took it over: leave its objects alone), or None (the time
+        limit, or not stopping)."""
         return self._running.stop_reason
 
     def report(
@@ -115,11 +160,54 @@ class JobContext:
     async def set_status(self, status: Literal[JobStatus.PROCESSING_ARTIFACTS]) -> None:
         """Enter the artifact phase (persisted at once)."""
         job = self._running.job
+        stored = await self._engine.store.set_status(
+            job.id, self._engine.worker_id, status, job.progress
+        )
+        if stored is None:
+            raise exceptions.JobFailed("LOST", "The job was taken over or canceled")
         job.status = status
-        job.updated_at = time.time()
+        job.updated_at = stored.updated_at
         self._running.dirty = False
-        await self._engine.store.save_progress(job.id, job.progress, status)
         self._engine.hub.notify(job)
+
+
+class _JobStorage(Storage):
+    """The engine's storage as one job sees it: writes are noted against the job first."""
+
+    def __init__(self, engine: Engine, running: _Running) -> None:
+        self._engine = engine
+        self._running = running
+        self._inner = engine.storage
+        self.name = self._inner.name
+
+    async def check(self) -> None:
+        await self._inner.check()
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await self._inner.head(key)
+
+    def read(self, key: str, chunk_bytes: int = 256 * 1024) -> AsyncIterator[bytes]:
+        return self._inner.read(key, chunk_bytes)
+
+    async def write(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        content_type: str = "application/octet-stream",
+    ) -> ObjectInfo:
+        job = self._running.job
+        await self._engine.store.add_output(job.id, self._engine.worker_id, key)
+        return await self._inner.write(key, chunks, content_type)
+
+    async def delete(self, key: str) -> None:
+        await self._inner.delete(key)
+
+    async def signed_url(self, key: str, expires_in_s: int, filename: str) -> SignedUrl:
+        return await self._inner.signed_url(key, expires_in_s, filename)
+
+    def __getattr__(self, name: str) -> object:
+        # Backend-specific helpers stay reachable.
+        return getattr(self._inner, name)
 
 
 @dataclass
@@ -128,7 +216,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     dirty: bool = False
     last_notify: float = 0.0
-    stop_reason: Literal["cancel", "shutdown"] | None = None
+    stop_reason: StopReason | None = None
     finish_task: asyncio.Task[Job | None] | None = None
     #: A throttled progress change waiting to be announced (trailing edge).
     pending_notify: asyncio.TimerHandle | None = None
@@ -163,6 +251,13 @@ class ChangeHub:
         for event in events:
             event.set()
 
+    def wake(self, job_id: str) -> None:
+        """Wake whoever waits for this job's next change (it changed elsewhere); they
+        read it again."""
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
     def is_watched(self, job_id: str) -> bool:
         """Whether someone is waiting for this job's next change right now."""
         return job_id in self._events
@@ -190,7 +285,8 @@ class Engine:
         store: durable job state (opened by the caller).
         storage: where handlers read and write objects (opened by the caller).
         handlers: job kind -> handler.
-        settings: concurrency, retries, time limits, TTLs.
+        settings: concurrency, retries, leases, time limits, TTLs.
+        worker_id: this process's id in the store; a fresh one when None.
     """
 
     def __init__(
@@ -199,34 +295,52 @@ class Engine:
         storage: Storage,
         handlers: Mapping[str, Handler],
         settings: Settings,
+        *,
+        worker_id: str | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
         self.settings = settings
         self.handlers = dict(handlers)
+        self.worker_id = worker_id or new_worker_id()
         self.hub = ChangeHub()
         self._running: dict[str, _Running] = {}
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._stop_deadline = float("inf")
         self._services: list[asyncio.Task[None]] = []
         self._finishing: set[asyncio.Task[Job | None]] = set()
+        self._sweeps = 0
+        self._last_flush = 0.0
         self.started_at = time.time()
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often leases are renewed (and progress flushed when due)."""
+        return min(self.settings.progress_flush_ms / 1000, self.settings.lease_s / 3)
+
     async def start(self) -> None:
-        """Re-queue what a dead process left running, then start the background loops."""
-        recovered = await self.store.recover_interrupted("Re-queued after a restart")
-        for job_id in recovered:
-            log.info("job.recovered job_id=%s", job_id)
+        """Register this worker, take back jobs of dead workers, then start the loops."""
+        self.storage.writer_id = self.worker_id
+        await self.store.register_worker(
+            WorkerInfo(self.worker_id, socket.gethostname(), os.getpid())
+        )
+        log.info("worker.started worker_id=%s", self.worker_id)
+        self.store.add_change_listener(self._changed_elsewhere, self._missed_changes)
+        await self.rescue()
+        with contextlib.suppress(Exception):
+            await self.remove_orphans()
         self._stopping = False
         self._services = [
-            asyncio.create_task(self._dispatch(), name="longdl dispatcher"),
-            asyncio.create_task(self._flush_loop(), name="longdl progress flusher"),
-            asyncio.create_task(self._sweep_loop(), name="longdl ttl sweeper"),
+            asyncio.create_task(self._heartbeat_loop(), name="longdl heartbeat"),
+            asyncio.create_task(self._maintenance_loop(), name="longdl maintenance"),
         ]
+        if self.settings.worker_concurrency:
+            self._services.append(asyncio.create_task(self._dispatch(), name="longdl dispatcher"))
 
     def drain(self) -> None:
         """Begin shutting down: refuse new jobs (503), stop claiming queued ones, and wake
@@ -237,9 +351,11 @@ class Engine:
         self.hub.wake_all()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop claiming, give running jobs ``grace_s`` to finish, re-queue the rest."""
+        """Stop claiming, give running jobs ``grace_s`` to finish, give the rest back to
+        the queue (no attempt used, no stall), and unregister this worker."""
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self._stopping = True
+        self._stop_deadline = time.monotonic() + grace_s + 2.0
         self._wakeup.set()
         for task in self._services:
             task.cancel()
@@ -254,7 +370,20 @@ class Engine:
                 running.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self._finishing, return_exceptions=True)
-        await self._flush()
+        if self._running:
+            # Final writes that could not land: the leases run out and another process
+            # (or the next start) takes these jobs back.
+            log.warning("worker.stopped_with_unwritten_jobs count=%d", len(self._running))
+            return
+        try:
+            # A claim that committed while the dispatcher was being cancelled holds jobs
+            # that never started here: give them back too.
+            for job_id in await self.store.release_all(self.worker_id, RELEASED):
+                log.info("job.requeued job_id=%s reason=shutdown", job_id)
+            await self.store.unregister_worker(self.worker_id)
+        except Exception as exc:
+            log.warning("worker.unregister_failed error=%r", exc)
+        log.info("worker.stopped worker_id=%s", self.worker_id)
 
     @property
     def stopping(self) -> bool:
@@ -291,15 +420,12 @@ class Engine:
             exceptions.IdempotencyMismatch: the key was used with another request.
             exceptions.Overloaded: the queue is full.
             exceptions.TooManyActiveJobs: the caller has too many unfinished jobs.
+            exceptions.StoreUnavailable: the database cannot take the job now.
         """
         if kind not in self.handlers:
             raise ValueError(f"no handler for job kind {kind!r}")
         if self._stopping:
             raise exceptions.Overloaded("The service is shutting down", retry_after_s=5)
-        if idempotency_key is not None:
-            existing = await self.store.find_idempotent(owner, idempotency_key)
-            if existing is not None:
-                return self._replay(existing, request_hash)
         new = NewJob(
             id=str(uuid.uuid4()),
             kind=kind,
@@ -321,22 +447,18 @@ class Engine:
             limits=Limits(self.settings.max_queued, self.settings.max_active_per_user),
         )
         if inserted.replayed:
-            return self._replay(inserted, request_hash)
+            if inserted.request_hash != request_hash:
+                raise exceptions.IdempotencyMismatch(
+                    "This idempotency key was already used with a different request"
+                )
+            return inserted
         log.info("job.queued job_id=%s kind=%s", inserted.job.id, kind)
         self.hub.notify(inserted.job)
         self._wakeup.set()
         return inserted
 
-    @staticmethod
-    def _replay(inserted: Inserted, request_hash: str) -> Inserted:
-        if inserted.job.extra.get("request_hash") != request_hash:
-            raise exceptions.IdempotencyMismatch(
-                "This idempotency key was already used with a different request"
-            )
-        return inserted
-
     async def get(self, job_id: str) -> Job | None:
-        """The job as it is now; running jobs come from memory, not a query."""
+        """The job as it is now; jobs running here come from memory, not a query."""
         running = self._running.get(job_id)
         if running is not None:
             return dataclasses.replace(
@@ -345,7 +467,8 @@ class Engine:
         return await self.store.get_job(job_id)
 
     async def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job.
+        """Cancel a queued or running job (running here, or in another process, which
+        stops it at its next heartbeat).
 
         Raises:
             exceptions.JobNotFound: no such job.
@@ -360,7 +483,7 @@ class Engine:
                     if existing is None:
                         raise exceptions.JobNotFound(job_id)
                     raise exceptions.JobFinished(existing.status.value)
-                log.info("job.canceled job_id=%s while=queued", job_id)
+                log.info("job.canceled job_id=%s while=%s", job_id, "queued")
                 self.hub.notify(job)
                 return job
             if running.finish_task is None and running.task is not None:
@@ -371,7 +494,7 @@ class Engine:
             # Wait for the job's own final write, without letting our caller's
             # cancellation cancel the job task a second time.
             await asyncio.wait({task})
-        job = await self.store.get_job(job_id)
+        job = await self.get(job_id)
         if job is None:
             raise exceptions.JobNotFound(job_id)
         if job.status is not JobStatus.CANCELED:
@@ -391,37 +514,67 @@ class Engine:
                 async with asyncio.timeout(remaining):
                     await event.wait()
 
+    def _changed_elsewhere(self, job_id: str, status: str) -> None:
+        """A change any process committed (store notifications): wake who waits for the
+        job; new work wakes the dispatcher; a job running here that was canceled
+        elsewhere stops now rather than at the next heartbeat."""
+        running = self._running.get(job_id)
+        if running is None:
+            self.hub.wake(job_id)
+            if status == JobStatus.QUEUED:
+                self._wakeup.set()
+            return
+        if (
+            status == JobStatus.CANCELED
+            and running.stop_reason is None
+            and running.finish_task is None
+            and running.task is not None
+        ):
+            log.info("job.canceled_elsewhere job_id=%s", job_id)
+            running.stop_reason = "cancel"
+            running.task.cancel()
+
+    def _missed_changes(self) -> None:
+        """Notifications may have been lost: everyone waiting reads again."""
+        self.hub.wake_all()
+        self._wakeup.set()
+
     # --- the dispatcher ----------------------------------------------------------------
 
     async def _dispatch(self) -> None:
         while not self._stopping:
             await self._slots.acquire()
+            free = 1
+            while free < CLAIM_BATCH and not self._slots.locked():
+                await self._slots.acquire()
+                free += 1
             try:
-                claimed = await self._claim_one()
-            except Exception:
-                self._slots.release()
-                log.exception("claiming a job failed; retrying in 1 s")
+                claimed = await self._claim(free)
+            except Exception as exc:
+                claimed = 0
+                log.warning("claiming jobs failed; retrying in 1 s: %r", exc)
                 await asyncio.sleep(1)
-                continue
-            if not claimed:
+            for _ in range(free - claimed):
                 self._slots.release()
 
-    async def _claim_one(self) -> bool:
-        """Claim and start one job, waiting until one is due; False if woken empty."""
+    async def _claim(self, free: int) -> int:
+        """Claim and start up to ``free`` jobs; when there are none, wait until one is
+        due, we are woken, or IDLE_POLL_S passes. Returns how many started."""
         self._wakeup.clear()
         async with self._lock:
             if self._stopping:
-                return False
-            job = await self.store.claim_next()
-            if job is not None:
+                return 0
+            jobs = await self.store.claim(self.worker_id, self.settings.lease_s, free)
+            for job in jobs:
                 self._start(job)
-                return True
+        if jobs:
+            return len(jobs)
         next_at = await self.store.next_run_after()
-        timeout_s = None if next_at is None else max(0.0, next_at - time.time())
+        timeout_s = IDLE_POLL_S if next_at is None else max(0.0, next_at - time.time())
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(min(timeout_s, IDLE_POLL_S)):
                 await self._wakeup.wait()
-        return False
+        return 0
 
     def _start(self, job: Job) -> None:
         job.progress = Progress(message="Starting", files_total=job.progress.files_total)
@@ -454,7 +607,7 @@ class Engine:
         except asyncio.CancelledError:
             if running.stop_reason is None:
                 raise
-            await self._finish(running, self._finish_stopped(running))
+            await self._finish(running, *self._stopped(running))
         except Exception as exc:
             if isinstance(exc, TimeoutError) and timeout.expired():
                 exc = exceptions.JobFailed(
@@ -462,42 +615,108 @@ class Engine:
                     f"The job took longer than {self.settings.job_timeout_s:g} s",
                     retryable=False,
                 )
-            await self._finish(running, self._finish_error(running, exc))
+            await self._finish(running, *self._errored(running, exc))
         else:
-            await self._finish(running, self._finish_ok(running, artifact))
+            await self._finish(running, *self._succeeded(running, artifact))
 
-    async def _finish(self, running: _Running, write: Awaitable[Job | None]) -> None:
-        """Run the final status write as its own task so cancellation cannot cut it."""
+    # --- final writes ------------------------------------------------------------------
 
-        async def final() -> Job | None:
-            return await write
-
-        task = asyncio.create_task(final(), name=f"longdl finish {running.job.id}")
-        running.finish_task = task
+    async def _finish(
+        self,
+        running: _Running,
+        final: Job | None,
+        write: Callable[[], Awaitable[Job | None]] | None,
+    ) -> None:
+        """Land the attempt's final write, as a task of its own so that cancellation
+        cannot cut it, retried with backoff until it lands. Until it has, readers get
+        ``final`` (the outcome as it will be stored) from memory; should the process
+        die first, the job's lease runs out and another process takes it back."""
         # The final status is the last word; no stale progress may follow it.
         running.cancel_pending_notify()
+        if final is not None:
+            running.job = final
+        if write is None:
+            self._forget(running)
+            return
+        task = asyncio.create_task(
+            self._write_until_landed(running.job.id, write), name=f"longdl finish {running.job.id}"
+        )
+        running.finish_task = task
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
-        job = await asyncio.shield(task)
-        # From here on readers must see the stored final state, not the attempt's memory.
+        try:
+            stored = await asyncio.shield(task)
+        except Exception:
+            stored = None  # gave up at shutdown: the lease takes over
+            self._forget(running)
+            return
+        # From here on readers must see the stored state, not the attempt's memory.
         self._forget(running)
-        if job is not None:
-            self.hub.notify(job)
+        if stored is None:
+            stored = await self._stored_or_none(running.job.id)
+        if stored is not None:
+            self.hub.notify(stored)
 
-    async def _finish_ok(self, running: _Running, artifact: Artifact) -> Job | None:
+    async def _write_until_landed(
+        self, job_id: str, write: Callable[[], Awaitable[Job | None]]
+    ) -> Job | None:
+        delay_s = 0.05
+        while True:
+            try:
+                return await write()
+            except Exception as exc:
+                if self._stopping and time.monotonic() > self._stop_deadline:
+                    log.error("job.final_write_abandoned job_id=%s error=%r", job_id, exc)
+                    raise
+                log.warning(
+                    "job.final_write_failed job_id=%s retry_in_s=%.2f error=%r",
+                    job_id,
+                    delay_s,
+                    exc,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+
+    async def _stored_or_none(self, job_id: str) -> Job | None:
+        try:
+            return await self.store.get_job(job_id)
+        except Exception:
+            return None
+
+    def _succeeded(
+        self, running: _Running, artifact: Artifact
+    ) -> tuple[Job, Callable[[], Awaitable[Job | None]]]:
         job = running.job
         progress = dataclasses.replace(job.progress, percent=100.0, message="Ready to download")
-        done = await self.store.complete(
-            job.id, artifact.to_dict(), progress, self.settings.job_ttl_s
+        now = time.time()
+        final = dataclasses.replace(
+            job,
+            status=JobStatus.COMPLETED,
+            result=artifact.to_dict(),
+            error=None,
+            progress=progress,
+            finished_at=now,
+            updated_at=now,
+            expires_at=now + self.settings.job_ttl_s,
         )
-        if done is None and artifact.owned:
-            # Someone else finished the job first (it cannot happen within one process,
-            # but a stray artifact must not outlive the job).
-            await self.storage.delete(artifact.key)
-        log.info("job.completed job_id=%s attempt=%d", job.id, job.attempts)
-        return done
 
-    async def _finish_error(self, running: _Running, exc: Exception) -> Job | None:
+        async def write() -> Job | None:
+            done = await self.store.complete(
+                job.id, self.worker_id, artifact.to_dict(), progress, self.settings.job_ttl_s
+            )
+            if done is not None:
+                log.info("job.completed job_id=%s attempt=%d", job.id, job.attempts)
+            else:
+                # Canceled or taken over meanwhile; what it wrote is in the job's outputs,
+                # which the store trashes when the job ends without them.
+                log.info("job.completed_too_late job_id=%s", job.id)
+            return done
+
+        return final, write
+
+    def _errored(
+        self, running: _Running, exc: Exception
+    ) -> tuple[Job, Callable[[], Awaitable[Job | None]]]:
         job = running.job
         decision = retry.decide(
             job.attempts,
@@ -511,6 +730,7 @@ class Engine:
             "message": decision.message,
             "retryable": decision.retryable,
         }
+        now = time.time()
         if decision.retry:
             log.warning(
                 "job.retry job_id=%s attempt=%d delay_s=%.2f error=%r",
@@ -523,23 +743,83 @@ class Engine:
                 message=f"Retrying in {decision.delay_s:.1f} s: {decision.message}",
                 files_total=job.progress.files_total,
             )
-            queued = await self.store.retry_later(job.id, decision.delay_s, error, progress)
-            self._wakeup.set()
-            return queued
+            final = dataclasses.replace(
+                job,
+                status=JobStatus.QUEUED,
+                error=error,
+                progress=progress,
+                run_after=now + decision.delay_s,
+                updated_at=now,
+            )
+
+            async def retry_write() -> Job | None:
+                queued = await self.store.retry_later(
+                    job.id, self.worker_id, decision.delay_s, error, progress
+                )
+                self._wakeup.set()
+                return queued
+
+            return final, retry_write
         log.warning("job.failed job_id=%s attempt=%d error=%r", job.id, job.attempts, exc)
         progress = dataclasses.replace(job.progress, message=decision.message)
-        return await self.store.fail(job.id, error, progress, self.settings.job_ttl_s)
+        final = dataclasses.replace(
+            job,
+            status=JobStatus.FAILED,
+            error=error,
+            progress=progress,
+            finished_at=now,
+            updated_at=now,
+            expires_at=now + self.settings.job_ttl_s,
+        )
 
-    async def _finish_stopped(self, running: _Running) -> Job | None:
+        async def fail_write() -> Job | None:
+            return await self.store.fail(
+                job.id, self.worker_id, error, progress, self.settings.job_ttl_s
+            )
+
+        return final, fail_write
+
+    def _stopped(
+        self, running: _Running
+    ) -> tuple[Job | None, Callable[[], Awaitable[Job | None]] | None]:
         job = running.job
+        now = time.time()
         if running.stop_reason == "cancel":
             log.info("job.canceled job_id=%s while=%s", job.id, job.status.value)
-            job.progress.message = "Canceled"
-            return await self.store.cancel(job.id, self.settings.job_ttl_s, "Canceled")
-        log.info("job.requeued job_id=%s reason=shutdown", job.id)
-        return await self.store.requeue(job.id, "Re-queued: the service restarted")
+            progress = dataclasses.replace(job.progress, message="Canceled")
+            final = dataclasses.replace(
+                job,
+                status=JobStatus.CANCELED,
+                progress=progress,
+                error={"code": "CANCELED", "message": "Canceled", "retryable": False},
+                finished_at=now,
+                updated_at=now,
+                expires_at=now + self.settings.job_ttl_s,
+            )
 
-    # --- progress ----------------------------------------------------------------------
+            async def cancel_write() -> Job | None:
+                return await self.store.cancel(job.id, self.settings.job_ttl_s, "Canceled")
+
+            return final, cancel_write
+        if running.stop_reason == "lost":
+            log.info("job.lost job_id=%s", job.id)
+            return None, None
+        log.info("job.requeued job_id=%s reason=shutdown", job.id)
+        progress = store_base.requeued_progress(job, RELEASED)
+        final = dataclasses.replace(
+            job,
+            status=JobStatus.QUEUED,
+            attempts=max(0, job.attempts - 1),
+            progress=progress,
+            updated_at=now,
+        )
+
+        async def release_write() -> Job | None:
+            return await self.store.release(job.id, self.worker_id, progress)
+
+        return final, release_write
+
+    # --- progress and heartbeats -------------------------------------------------------
 
     def _progress_changed(self, running: _Running, *, force: bool) -> None:
         """Announce progress at most every NOTIFY_INTERVAL_S; a change inside the interval
@@ -561,42 +841,155 @@ class Engine:
         running.job.updated_at = time.time()
         self.hub.notify(running.job)
 
-    async def _flush(self) -> None:
-        for running in list(self._running.values()):
-            if running.dirty and running.finish_task is None:
-                running.dirty = False
-                await self.store.save_progress(running.job.id, running.job.progress)
+    async def heartbeat(self, *, flush: bool = True) -> None:
+        """Renew this worker's leases and (``flush``) write running jobs' progress; stop
+        the jobs the store says this worker no longer holds."""
+        watched = {
+            job_id: running
+            for job_id, running in self._running.items()
+            if running.finish_task is None
+        }
+        progress: dict[str, Progress] = {}
+        if flush:
+            for job_id, running in watched.items():
+                if running.dirty:
+                    running.dirty = False
+                    progress[job_id] = dataclasses.replace(running.job.progress)
+        try:
+            beat = await self.store.heartbeat(self.worker_id, self.settings.lease_s, progress)
+        except BaseException:
+            for job_id in progress:
+                if job_id in watched:
+                    watched[job_id].dirty = True
+            raise
+        for job_id, running in watched.items():
+            if job_id in beat.held or self._running.get(job_id) is not running:
+                continue
+            if running.finish_task is not None or running.task is None:
+                continue
+            stored = await self._stored_or_none(job_id)
+            reason: StopReason = (
+                "cancel" if stored is not None and stored.status is JobStatus.CANCELED else "lost"
+            )
+            log.warning("job.not_held job_id=%s stopping=%s", job_id, reason)
+            running.stop_reason = reason
+            running.task.cancel()
 
-    async def _flush_loop(self) -> None:
-        interval_s = self.settings.progress_flush_ms / 1000
+    async def _heartbeat_loop(self) -> None:
+        flush_s = self.settings.progress_flush_ms / 1000
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = time.monotonic()
+            flush = now - self._last_flush >= flush_s
             try:
-                await self._flush()
-            except Exception:
-                log.exception("flushing progress failed")
+                await self.heartbeat(flush=flush)
+            except Exception as exc:
+                log.warning("heartbeat failed: %r", exc)
+                continue
+            if flush:
+                self._last_flush = now
 
-    # --- TTL ---------------------------------------------------------------------------
+    # --- maintenance -------------------------------------------------------------------
+
+    async def rescue(self) -> int:
+        """Re-queue (or fail, at MAX_STALLS) jobs whose worker died or stopped renewing
+        their leases; return how many."""
+        total = 0
+        while True:
+            rescued = await self.store.rescue_stalled(
+                max_stalls=self.settings.max_stalls,
+                ttl_s=self.settings.job_ttl_s,
+                exclude_worker=self.worker_id,
+            )
+            for job in rescued.requeued:
+                log.warning("job.stalled job_id=%s stalls=%d requeued", job.id, job.stalls)
+                self.hub.notify(job)
+            for job in rescued.lost:
+                log.error("job.worker_lost job_id=%s stalls=%d", job.id, job.stalls)
+                self.hub.notify(job)
+            count = len(rescued.requeued) + len(rescued.lost)
+            total += count
+            if rescued.requeued:
+                self._wakeup.set()
+            if count < SWEEP_BATCH:
+                return total
 
     async def sweep(self) -> int:
-        """Expire finished jobs past their TTL, deleting artifacts; return how many."""
+        """Expire finished jobs past their TTL (row first, then the artifact), in batches
+        until none is due; purge old rows; empty the trash. Returns how many expired."""
         count = 0
-        for job in await self.store.due_for_expiry():
-            artifact = job.result or {}
-            if artifact.get("owned") and artifact.get("key"):
-                await self.storage.delete(artifact["key"])
-            expired = await self.store.expire(job.id)
-            if expired is not None:
-                count += 1
+        while True:
+            expired = await self.store.expire_due(SWEEP_BATCH)
+            for job in expired:
                 log.info("job.expired job_id=%s", job.id)
-                self.hub.notify(expired)
-        await self.store.purge(self.settings.job_retention_s)
+                self.hub.notify(job)
+            count += len(expired)
+            if len(expired) < SWEEP_BATCH:
+                break
+        while await self.store.purge(self.settings.job_retention_s, SWEEP_BATCH) >= SWEEP_BATCH:
+            pass
+        await self.empty_trash()
+        await self.store.compact()
         return count
 
-    async def _sweep_loop(self) -> None:
+    async def empty_trash(self) -> int:
+        """Delete the objects in the trash that are due; return how many went."""
+        deleted = 0
         while True:
+            items = await self.store.claim_trash(SWEEP_BATCH, TRASH_LEASE_S)
+            if not items:
+                return deleted
+            failed = set(await self.storage.delete_many([item.key for item in items]))
+            done = [item.key for item in items if item.key not in failed]
+            if done:
+                await self.store.trash_done(done)
+                deleted += len(done)
+            if failed:
+                attempts = max(item.attempts for item in items if item.key in failed)
+                await self.store.trash_retry(sorted(failed), min(3600.0, 30.0 * 2**attempts))
+                log.warning("trash.delete_failed count=%d", len(failed))
+            if len(items) < SWEEP_BATCH:
+                return deleted
+
+    async def remove_orphans(self) -> int:
+        """Discard partial uploads no live worker is writing; return how many.
+
+        A partial that names its writer (local storage) is an orphan when that worker is
+        not alive; one that does not (an S3 multipart upload) when it is older than any
+        attempt may run (JOB_TIMEOUT_S plus LEASE_S).
+        """
+        partials = await self.storage.list_partials()
+        if not partials:
+            return 0
+        live = await self.store.live_workers() | {self.worker_id}
+        max_age_s = self.settings.job_timeout_s + self.settings.lease_s
+        now = time.time()
+        removed = 0
+        for partial in partials:
+            if _is_orphan(partial, live, now, max_age_s):
+                await self.storage.discard_partial(partial)
+                log.info("orphan.removed key=%s writer=%s", partial.key, partial.writer)
+                removed += 1
+        return removed
+
+    async def _maintenance_loop(self) -> None:
+        rescue_every_s = self.settings.lease_s / 3
+        next_sweep = time.monotonic() + self.settings.sweep_interval_s
+        while True:
+            await asyncio.sleep(min(rescue_every_s, self.settings.sweep_interval_s))
             try:
-                await self.sweep()
+                await self.rescue()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.settings.sweep_interval_s
+                    await self.sweep()
+                    self._sweeps += 1
+                    if self._sweeps % ORPHAN_SCAN_EVERY == 0:
+                        await self.remove_orphans()
             except Exception:
-                log.exception("TTL sweep failed")
-            await asyncio.sleep(self.settings.sweep_interval_s)
+                log.exception("maintenance failed; trying again next time")
+
+
+def _is_orphan(partial: Partial, live: set[str], now: float, max_age_s: float) -> bool:
+    if partial.writer is not None:
+        return partial.writer not in live
+    return now - partial.started_at > max_age_s

@@ -6,6 +6,10 @@
     ├── StorageError               storage refused a request; not worth retrying
     │   ├── ObjectNotFound         the key does not exist
     │   └── StorageUnavailable     transient: connection, timeout, 5xx, throttling
+    │       └── StorageFull        no space left for the object (ENOSPC, quota)
+    ├── StoreUnavailable           the job database cannot take this write now
+    │   ├── StoreBusy              another process held the write lock too long
+    │   └── StoreFull              the disk under the database is full
     ├── JobFailed                  a handler gives up with a code for the client
     ├── JobNotFound                no such job (or not the caller's)
     ├── JobFinished                the job already reached a final status
@@ -34,6 +38,31 @@ class ObjectNotFound(StorageError):
 
 class StorageUnavailable(StorageError):
     """Storage could not be reached or asked us to slow down; worth retrying."""
+
+
+class StorageFull(StorageUnavailable):
+    """Storage has no room for the object now; freeing space fixes it."""
+
+
+class StoreUnavailable(LongdlError):
+    """The job database cannot take a write now; nothing was changed.
+
+    Args:
+        message: human text for logs and the client.
+        retry_after_s: a hint for the client's next attempt.
+    """
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreBusy(StoreUnavailable):
+    """Another process held the database's write lock past ``DB_BUSY_TIMEOUT_MS``."""
+
+
+class StoreFull(StoreUnavailable):
+    """The disk holding the database is full (SQLITE_FULL, ENOSPC)."""
 
 
 class JobFailed(LongdlError):

@@ -146,6 +146,11 @@ class Job:
     finished_at: float | None = None
     run_after: float = 0.0
     expires_at: float | None = None
+    #: The worker (process) holding it while running, and until when.
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    #: Times it lost its worker while running (crash, kill, lost lease).
+    stalls: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

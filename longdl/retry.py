@@ -75,6 +75,12 @@ def classify(exc: BaseException) -> tuple[str, str, bool]:
     """Map an exception to ``(code, message, retryable)`` for the client."""
     if isinstance(exc, exceptions.JobFailed):
         return exc.code, exc.message, exc.retryable
+    if isinstance(exc, exceptions.StorageFull):
+        return "STORAGE_FULL", "Storage is full; the job will try again", True
+    if isinstance(exc, exceptions.StoreFull):
+        return "DISK_FULL", "The service's disk is full; the job will try again", True
+    if isinstance(exc, exceptions.StoreUnavailable):
+        return "DATABASE_UNAVAILABLE", f"The job database is unavailable: {exc}", True
     if isinstance(exc, exceptions.StorageUnavailable):
         return "STORAGE_UNAVAILABLE", f"Storage is unavailable: {exc}", True
     if isinstance(exc, exceptions.ObjectNotFound):

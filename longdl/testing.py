@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from longdl import exceptions
-from longdl.storage import ObjectInfo, SignedUrl, Storage
+from longdl.storage import ObjectInfo, Partial, SignedUrl, Storage
 
 
 class FlakyStorage(Storage):
@@ -66,6 +66,23 @@ class FlakyStorage(Storage):
 
     async def signed_url(self, key: str, expires_in_s: int, filename: str) -> SignedUrl:
         return await self.inner.signed_url(key, expires_in_s, filename)
+
+    async def delete_many(self, keys: Sequence[str]) -> list[str]:
+        return await self.inner.delete_many(keys)
+
+    async def list_partials(self) -> list[Partial]:
+        return await self.inner.list_partials()
+
+    async def discard_partial(self, partial: Partial) -> None:
+        await self.inner.discard_partial(partial)
+
+    @property
+    def writer_id(self) -> str:
+        return self.inner.writer_id
+
+    @writer_id.setter
+    def writer_id(self, value: str) -> None:
+        self.inner.writer_id = value
 
     def __getattr__(self, name: str) -> object:
         # Backend-specific helpers (e.g. LocalStorage.verify) stay reachable.

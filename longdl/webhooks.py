@@ -454,6 +454,8 @@ class WebhookWorker:
         store: where deliveries are kept (opened by the caller).
         settings: timeouts, retries, allow-list, public URL.
         key: HMAC key of the signatures.
+        worker_id: this process's worker id: deliveries are leased in its name, so that
+            processes sharing a store send each one once at a time.
         clock: epoch seconds, injectable for tests.
     """
 
@@ -463,11 +465,13 @@ class WebhookWorker:
         settings: Settings,
         key: bytes,
         *,
+        worker_id: str = "webhooks",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.settings = settings
         self.stats = WebhookStats()
+        self.worker_id = worker_id
         self._key = key
         self._clock = clock
         self._wakeup = asyncio.Event()
@@ -516,6 +520,11 @@ class WebhookWorker:
         if job.status.finished and job.callback_url:
             self._wakeup.set()
 
+    def on_change_elsewhere(self, job_id: str, status: str) -> None:
+        """Store change listener: a job finished in any process may have a delivery."""
+        if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+            self._wakeup.set()
+
     # --- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -525,7 +534,7 @@ class WebhookWorker:
             next_at: float | None
             try:
                 await self._start_due(concurrency - len(self._in_flight))
-                next_at = await self.store.next_webhook_attempt_at(list(self._in_flight))
+                next_at = await self.store.next_webhook_attempt_at()
             except Exception:
                 log.exception("reading webhook deliveries failed; retrying in 1 s")
                 next_at = self._clock() + 1
@@ -537,10 +546,19 @@ class WebhookWorker:
                 async with asyncio.timeout(timeout_s):
                     await self._wakeup.wait()
 
+    @property
+    def lease_s(self) -> float:
+        """How long a claimed delivery is this worker's: an attempt's time limit, twice,
+        plus a margin; a worker that dies mid-attempt is replaced after it."""
+        return 2 * self.settings.webhook_timeout_s + 5
+
     async def _start_due(self, free: int) -> None:
         if free <= 0:
             return
-        for delivery in await self.store.due_webhook_deliveries(free, list(self._in_flight)):
+        claimed = await self.store.claim_webhook_deliveries(self.worker_id, free, self.lease_s)
+        for delivery in claimed:
+            if delivery.id in self._in_flight:
+                continue
             task = asyncio.create_task(
                 self._deliver_safely(delivery), name=f"longdl webhook {delivery.id}"
             )
@@ -713,10 +731,12 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
             len(key),
             MIN_SECRET_BYTES,
         )
-    worker = WebhookWorker(app[keys.STORE], settings, key)
+    worker = WebhookWorker(app[keys.STORE], settings, key, worker_id=app[keys.ENGINE].worker_id)
     app[WORKER] = worker
     await worker.start()
     remove_listener = app[keys.ENGINE].hub.add_listener(worker.on_job_change)
+    # A job finished by another replica has a delivery too: claim it without waiting.
+    app[keys.STORE].add_change_listener(worker.on_change_elsewhere)
     yield
     remove_listener()
     await worker.stop()

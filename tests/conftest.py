@@ -131,5 +131,7 @@ async def finished(
     return await wait_for(probe, timeout_s)
 
 
-# A real S3 server (SeaweedFS) for the tests that ask for it; started once per session.
+# A real S3 server (SeaweedFS) and a real PostgreSQL for the tests that ask for them;
+# each is started once per session.
+from pgserver import database_url, postgres  # noqa: E402, F401
 from s3server import make_s3_storage, s3_storage, seaweed  # noqa: E402, F401

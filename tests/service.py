@@ -30,13 +30,22 @@ class ServiceProcess:
     Args:
         data_dir: the service's DATA_DIR (kept across restarts).
         settings: extra settings as environment variables (``{"WORKER_CONCURRENCY": "2"}``).
+        argv: what the Python interpreter runs (another app, e.g. ``tests/jobs_app.py``).
+        log_path: where every start's output goes (next to DATA_DIR by default).
     """
 
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: dict[str, str] | None = None,
+        argv: tuple[str, ...] = ("-m", "longdl", "serve"),
+        log_path: Path | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        self.argv = argv
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir.parent / f"{data_dir.name}-service.log"
+        self.log_path = log_path or data_dir.parent / f"{data_dir.name}-service.log"
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
@@ -59,9 +68,34 @@ class ServiceProcess:
             check=True,
         )
 
+    def spawn(self) -> None:
+        """Start the process without waiting for it."""
+        self.proc = self._spawn()
+
+    async def wait_exit(self, timeout_s: float = 30.0) -> int:
+        """Wait for the process to end by itself; its exit code."""
+        assert self.proc is not None
+        code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout_s)
+        self.exited()
+        return code
+
+    def exited(self) -> int | None:
+        """The exit code if the process ended by itself (and forget it), else None."""
+        code = None if self.proc is None else self.proc.poll()
+        if code is not None:
+            if self._log is not None:
+                self._log.close()
+            self.proc = None
+        return code
+
     async def start(self, timeout_s: float = 20.0) -> None:
         """Start the service and wait until /health answers 200."""
         self.proc = self._spawn()
+        await self.wait_healthy(timeout_s)
+
+    async def wait_healthy(self, timeout_s: float = 20.0) -> None:
+        """Wait until the running process answers /health with 200."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as session:
             while True:
@@ -82,7 +116,7 @@ class ServiceProcess:
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._log = self.log_path.open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "longdl", "serve"],
+            [sys.executable, *self.argv],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

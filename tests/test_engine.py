@@ -293,9 +293,9 @@ async def test_shutdown_requeues_running_jobs_without_using_an_attempt(
 
 async def stored_job(data_dir: Path, job_id: str) -> Job:
     """The job as stored in the SQLite file, read through a fresh store."""
-    from longdl.store import Store
+    from longdl.store import SQLiteStore
 
-    store = Store(data_dir / "longdl.sqlite3")
+    store = SQLiteStore(data_dir / "longdl.sqlite3")
     await store.open()
     try:
         job = await store.get_job(job_id)

@@ -14,7 +14,7 @@ from conftest import AppFactory, finished, initiate, wait_for
 
 from longdl.engine import Artifact, JobContext
 from longdl.models import Progress
-from longdl.store import NewJob, Store
+from longdl.store import NewJob, SQLiteStore
 from longdl.web import keys
 
 
@@ -200,7 +200,7 @@ async def test_replay_of_a_finished_job_is_still_202(client: TestClient[Any, Any
 async def test_idempotency_keys_are_kept_24_hours(tmp_path: Path) -> None:
     """A key older than 24 h no longer replays: the same key makes a new job."""
     now = [1_000_000.0]
-    store = Store(tmp_path / "db.sqlite3", clock=lambda: now[0])
+    store = SQLiteStore(tmp_path / "db.sqlite3", clock=lambda: now[0])
     await store.open()
     try:
 

@@ -30,7 +30,7 @@ from standardwebhooks.webhooks import Webhook
 from longdl import exceptions, webhooks
 from longdl.config import Settings
 from longdl.models import Progress
-from longdl.store import NewJob, Store, WebhookDelivery
+from longdl.store import NewJob, SQLiteStore, Store, WebhookDelivery
 from longdl.web import keys
 from tests.conftest import AppFactory, finished, initiate, wait_for
 
@@ -267,13 +267,13 @@ def test_delivery_gives_up_past_its_maximum_age() -> None:
 
 
 async def _store_with_job(path: Path, callback_url: str | None) -> tuple[Store, str]:
-    store = Store(path)
+    store = SQLiteStore(path)
     await store.open()
     job_id = str(uuid.uuid4())
     await store.insert_job(
         NewJob(id=job_id, kind="download", payload={}, max_attempts=1, callback_url=callback_url)
     )
-    await store.claim_next()
+    await store.claim("w", lease_s=30, limit=1)
     return store, job_id
 
 
@@ -281,7 +281,7 @@ async def test_final_status_write_queues_the_delivery(tmp_path: Path) -> None:
     """Completing a job with a callback URL queues its delivery in that same write."""
     store, job_id = await _store_with_job(tmp_path / "db.sqlite3", "https://hooks.example/x")
     try:
-        await store.complete(job_id, {"key": "k"}, Progress(), ttl_s=60)
+        await store.complete(job_id, "w", {"key": "k"}, Progress(), ttl_s=60)
         rows = await store.webhook_deliveries_of(job_id)
     finally:
         await store.close()
@@ -294,7 +294,7 @@ async def test_job_without_callback_queues_nothing(tmp_path: Path) -> None:
     """A job finished without a callback URL has no delivery."""
     store, job_id = await _store_with_job(tmp_path / "db.sqlite3", None)
     try:
-        await store.fail(job_id, {"code": "X"}, Progress(), ttl_s=60)
+        await store.fail(job_id, "w", {"code": "X"}, Progress(), ttl_s=60)
         rows = await store.webhook_deliveries_of(job_id)
     finally:
         await store.close()
@@ -306,7 +306,7 @@ async def test_expiry_queues_no_second_delivery(tmp_path: Path) -> None:
     store, job_id = await _store_with_job(tmp_path / "db.sqlite3", "https://hooks.example/x")
     try:
         await store.cancel(job_id, ttl_s=0, message="Canceled")
-        await store.expire(job_id)
+        assert [job_id] == [job.id for job in await store.expire_due(limit=10)]
         rows = await store.webhook_deliveries_of(job_id)
     finally:
         await store.close()

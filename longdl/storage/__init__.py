@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from longdl.config import Settings
-from longdl.storage.base import ObjectInfo, SignedUrl, Storage, content_disposition, validate_key
+from longdl.storage.base import (
+    ObjectInfo,
+    Partial,
+    SignedUrl,
+    Storage,
+    commit_or_undo,
+    content_disposition,
+    validate_key,
+)
 from longdl.storage.local import LocalStorage, load_or_create_secret
 
 
@@ -26,8 +34,10 @@ def from_settings(settings: Settings) -> Storage:
 __all__ = [
     "LocalStorage",
     "ObjectInfo",
+    "Partial",
     "SignedUrl",
     "Storage",
+    "commit_or_undo",
     "content_disposition",
     "from_settings",
     "validate_key",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote
 
 from longdl import exceptions
+
+T = TypeVar("T")
 
 #: Keys are relative, slash-separated, made of safe characters, with no empty or dot segments.
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -47,6 +51,44 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class Partial:
+    """An upload that was started and never finished (or not yet)."""
+
+    #: The object it would become.
+    key: str
+    #: The backend's handle on it (a file name, an upload id).
+    ref: str
+    #: The worker that wrote it, when the backend records one; None: judge by age.
+    writer: str | None
+    #: When it was last written to (local) or started (S3), epoch seconds.
+    started_at: float
+
+
+async def commit_or_undo(commit: Awaitable[T], undo: Callable[[], Awaitable[None]]) -> T:
+    """Run the step that makes an object appear (a rename, a multipart completion) to its
+    end even when the caller is cancelled meanwhile; if the caller was cancelled and the
+    step took effect, run ``undo`` before the cancellation goes on, so a canceled write
+    leaves nothing behind however late the cancel lands."""
+    task = asyncio.ensure_future(commit)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                continue  # waited out: the cancellation is re-raised below
+        if not task.cancelled() and task.exception() is None:
+            undo_task = asyncio.ensure_future(undo())
+            while not undo_task.done():
+                try:
+                    await asyncio.wait({undo_task})
+                except asyncio.CancelledError:
+                    continue
+        raise
+
+
+@dataclass(frozen=True)
 class SignedUrl:
     """A short-lived URL to download an object; relative for the local backend."""
 
@@ -63,6 +105,9 @@ class Storage(abc.ABC):
 
     #: Name reported in logs and health.
     name: str = "storage"
+    #: The worker (process) writing through this backend, recorded in partial uploads
+    #: where the backend can, so a sweep knows whether their writer is still alive.
+    writer_id: str = ""
 
     async def open(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Connect or prepare; called once at start-up."""
@@ -112,3 +157,20 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def signed_url(self, key: str, expires_in_s: int, filename: str) -> SignedUrl:
         """A URL that downloads the object as ``filename`` until it expires."""
+
+    async def delete_many(self, keys: Sequence[str]) -> list[str]:
+        """Remove these objects; return the keys that could not be removed now."""
+        failed = []
+        for key in keys:
+            try:
+                await self.delete(key)
+            except exceptions.StorageError:
+                failed.append(key)
+        return failed
+
+    async def list_partials(self) -> list[Partial]:
+        """Uploads started and not finished: in progress, or abandoned by a crash."""
+        return []
+
+    async def discard_partial(self, partial: Partial) -> None:  # noqa: B027 - optional
+        """Remove what an abandoned upload left (a part file, the uploaded parts)."""

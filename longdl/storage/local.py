@@ -4,21 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from longdl import exceptions
 from longdl.config import load_or_create_secret_file
-from longdl.storage.base import ObjectInfo, SignedUrl, Storage, validate_key
+from longdl.storage.base import (
+    ObjectInfo,
+    Partial,
+    SignedUrl,
+    Storage,
+    commit_or_undo,
+    validate_key,
+)
 
 FILES_PREFIX = "/files/"
+#: ``.{name}.{writer}.{random}.part``: the writer is the worker id, or ``-`` for none.
+_PART_FILE = re.compile(
+    r"^\.(?P<name>.+)\.(?P<writer>[A-Za-z0-9_-]+)\.(?P<rand>[0-9a-f]{32})\.part$"
+)
+#: What an older version named its part files: ``.{name}.{random}.part``.
+_OLD_PART_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[0-9a-f]{32})\.part$")
+_NO_WRITER = "-"
+_PART_FILE_WRITER = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _storage_error(exc: OSError) -> exceptions.StorageUnavailable:
+    """A filesystem failure as the error the engine retries; a full disk says so."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exceptions.StorageFull("No space left in local storage")
+    return exceptions.StorageUnavailable(str(exc))
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -92,9 +116,15 @@ class LocalStorage(Storage):
         chunks: AsyncIterable[bytes],
         content_type: str = "application/octet-stream",
     ) -> ObjectInfo:
+        """Write into a part file named after the writer, then rename it into place.
+
+        A cancel that lands during the rename waits it out and removes the object, so a
+        canceled write leaves nothing, however late it comes.
+        """
         path = self.path_of(key)
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+        writer = self.writer_id if _PART_FILE_WRITER.match(self.writer_id) else _NO_WRITER
+        tmp = path.with_name(f".{path.name}.{writer}.{uuid.uuid4().hex}.part")
         size = 0
         try:
             fh = await asyncio.to_thread(tmp.open, "wb")
@@ -104,10 +134,13 @@ class LocalStorage(Storage):
                     size += len(chunk)
             finally:
                 fh.close()
-            await asyncio.to_thread(os.replace, tmp, path)
+            await commit_or_undo(
+                asyncio.to_thread(os.replace, tmp, path),
+                lambda: asyncio.to_thread(path.unlink, missing_ok=True),
+            )
         except OSError as exc:
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
-            raise exceptions.StorageUnavailable(str(exc)) from exc
+            raise _storage_error(exc) from exc
         except BaseException:
             # Cancellation or the producer failing: leave nothing behind.
             with contextlib.suppress(OSError):
@@ -121,6 +154,52 @@ class LocalStorage(Storage):
         except exceptions.ObjectNotFound:
             return
         await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def delete_many(self, keys: Sequence[str]) -> list[str]:
+        def unlink_all() -> list[str]:
+            failed = []
+            for key in keys:
+                try:
+                    self.path_of(key).unlink(missing_ok=True)
+                except exceptions.ObjectNotFound:
+                    continue  # not a key this storage could hold
+                except OSError:
+                    failed.append(key)
+            return failed
+
+        return await asyncio.to_thread(unlink_all)
+
+    async def list_partials(self) -> list[Partial]:
+        def scan() -> list[Partial]:
+            found = []
+            for folder, _, names in os.walk(self.root):
+                for name in names:
+                    match = _PART_FILE.match(name) or _OLD_PART_FILE.match(name)
+                    if match is None:
+                        continue
+                    path = Path(folder) / name
+                    try:
+                        mtime = path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue  # renamed into place or removed meanwhile
+                    writer = match.groupdict().get("writer")
+                    relative = path.with_name(match.group("name")).relative_to(self.root)
+                    found.append(
+                        Partial(
+                            key=relative.as_posix(),
+                            ref=str(path.relative_to(self.root)),
+                            writer=None if writer in (None, _NO_WRITER) else writer,
+                            started_at=mtime,
+                        )
+                    )
+            return found
+
+        return await asyncio.to_thread(scan)
+
+    async def discard_partial(self, partial: Partial) -> None:
+        path = (self.root / partial.ref).resolve()
+        if path.is_relative_to(self.root) and path.name.endswith(".part"):
+            await asyncio.to_thread(path.unlink, missing_ok=True)
 
     # --- signed URLs -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -22,7 +22,15 @@ from botocore import exceptions as botocore_exceptions
 
 from longdl import exceptions
 from longdl.config import Settings
-from longdl.storage.base import ObjectInfo, SignedUrl, Storage, content_disposition, validate_key
+from longdl.storage.base import (
+    ObjectInfo,
+    Partial,
+    SignedUrl,
+    Storage,
+    commit_or_undo,
+    content_disposition,
+    validate_key,
+)
 
 log = logging.getLogger("longdl.storage.s3")
 
@@ -353,19 +361,79 @@ class S3Storage(Storage):
                         buffer = io.BytesIO()
             if not upload.started:
                 buffer.seek(0)
-                with _translated(key):
-                    await self.client.put_object(
-                        Bucket=self.bucket, Key=key, Body=buffer, ContentType=content_type
-                    )
+                await commit_or_undo(self._put(key, buffer, content_type), self._undo(key))
                 return ObjectInfo(key=key, size_bytes=size)
             if buffer.tell():
                 await upload.send_part(buffer)
             del buffer
-            await upload.complete()
+            # A cancel during the completion waits it out, then deletes the object.
+            await commit_or_undo(upload.complete(), self._undo(key))
         except BaseException:
             await upload.abort()
             raise
         return ObjectInfo(key=key, size_bytes=size)
+
+    async def _put(self, key: str, body: io.BytesIO, content_type: str) -> None:
+        with _translated(key):
+            await self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
+            )
+
+    def _undo(self, key: str) -> Callable[[], Any]:
+        async def undo() -> None:
+            try:
+                await self.delete(key)
+            except exceptions.StorageError as exc:
+                # The job's outputs are trashed when it ends: the sweep deletes it later.
+                log.warning("could not delete canceled upload %s: %r", key, exc)
+
+        return undo
+
+    async def delete_many(self, keys: Sequence[str]) -> list[str]:
+        """DeleteObjects, a thousand keys a request."""
+        failed: list[str] = []
+        for start in range(0, len(keys), 1000):
+            batch = list(keys[start : start + 1000])
+            try:
+                with _translated():
+                    response = await self.client.delete_objects(
+                        Bucket=self.bucket,
+                        Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                    )
+            except exceptions.StorageError as exc:
+                log.warning("deleting %d objects failed: %r", len(batch), exc)
+                failed.extend(batch)
+                continue
+            failed.extend(str(error["Key"]) for error in response.get("Errors", []))
+        return failed
+
+    async def list_partials(self) -> list[Partial]:
+        """Incomplete multipart uploads (ListMultipartUploads): S3 keeps no note of who
+        started one, so the engine judges them by age."""
+        found: list[Partial] = []
+        params: dict[str, Any] = {"Bucket": self.bucket}
+        while True:
+            with _translated():
+                response = await self.client.list_multipart_uploads(**params)
+            for upload in response.get("Uploads", []):
+                found.append(
+                    Partial(
+                        key=str(upload["Key"]),
+                        ref=str(upload["UploadId"]),
+                        writer=None,
+                        started_at=upload["Initiated"].timestamp(),
+                    )
+                )
+            if not response.get("IsTruncated"):
+                return found
+            params["KeyMarker"] = response.get("NextKeyMarker")
+            params["UploadIdMarker"] = response.get("NextUploadIdMarker")
+
+    async def discard_partial(self, partial: Partial) -> None:
+        with _translated(partial.key):
+            await self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=partial.key, UploadId=partial.ref
+            )
 
     async def delete(self, key: str) -> None:
         try:

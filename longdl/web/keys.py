@@ -13,6 +13,8 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 STORAGE = web.AppKey("storage", Storage)
 ENGINE = web.AppKey("engine", Engine)
+#: This process's worker id: the replica's name in logs, metrics and leases.
+WORKER_ID = web.AppKey("worker_id", str)
 
 #: Per-request values set by middlewares.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -64,6 +64,9 @@ ALLOWED_REQUEST_HEADERS = (
     "X-Request-ID"
 )
 ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
+#: A request cut at REQUEST_TIMEOUT_MS is worth repeating (with its idempotency key: it
+#: may have taken effect) after this long.
+REQUEST_TIMEOUT_RETRY_AFTER_S = 2
 PREFLIGHT_MAX_AGE_S = 600
 
 SECURITY_HEADERS = {
@@ -314,6 +317,7 @@ async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse
             504,
             f"The request took longer than REQUEST_TIMEOUT_MS ({limit_s:g} s)",
             code="REQUEST_TIMEOUT",
+            headers={hdrs.RETRY_AFTER: str(REQUEST_TIMEOUT_RETRY_AFTER_S)},
         ) from exc
 
 

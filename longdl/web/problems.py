@@ -132,6 +132,14 @@ def problem_for(exc: Exception) -> HTTPProblem | None:
         return HTTPProblem(
             503, str(exc), code="OVERLOADED", headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
         )
+    if isinstance(exc, exceptions.StoreUnavailable):
+        code = {
+            exceptions.StoreBusy: "DATABASE_BUSY",
+            exceptions.StoreFull: "DISK_FULL",
+        }.get(type(exc), "DATABASE_UNAVAILABLE")
+        return HTTPProblem(
+            503, str(exc), code=code, headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
+        )
     if isinstance(exc, exceptions.InvalidSignature):
         return HTTPProblem(403, str(exc), code="INVALID_SIGNATURE")
     if isinstance(exc, exceptions.WebhookTargetRefused):

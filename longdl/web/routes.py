@@ -588,6 +588,7 @@ async def history(request: web.Request) -> web.Response:
     before = decode_cursor(params.cursor) if params.cursor else None
     jobs = await request.app[keys.STORE].list_jobs(
         owner=caller_of(request),
+        client=request[keys.CLIENT],
         user_id=params.userId,
         statuses=params.status,
         limit=params.limit + 1,

@@ -1,0 +1,115 @@
+"""P5: bundling 1 GiB from 100 files on local storage, against ``cat`` of the same files.
+
+The sources (random bytes, so nothing compresses) are written straight into a real
+``longdl serve``'s storage folder; a job bundles them into a ZIP (entries stored, CRC
+and sha256 computed) and writes it beside them. Its time is the job's own, queued to
+finished (from the status resource); its memory is the server's peak RSS during the
+job (VmHWM, reset just before through ``/proc/PID/clear_refs``) minus its RSS before.
+The baseline is ``cat`` of the same files into one file on the same disk: the same
+bytes read and written, no more. Both read and write through the page cache, each
+starting after a ``sync`` so neither pays for the other's write-back; the runs
+alternate, ``BENCH_ROUNDS`` times, and the best of each counts. The plot repeats it for
+smaller bundles (the first 10 and 30 files).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+
+from bench import common
+from bench.common import Longdl, Plot, Row, Series
+
+FILE_COUNT = 100
+TOTAL_BYTES = 1024**3
+FIRST_ID = 10_000
+MB = 1e6
+
+
+def run() -> dict[str, object]:
+    from longdl.config import Settings
+    from longdl.handlers.download import bundle_key, source_key
+
+    file_bytes = TOTAL_BYTES // FILE_COUNT
+    counts = (FILE_COUNT,) if common.quick() else (10, 30, FILE_COUNT)
+    ids = [FIRST_ID + i for i in range(FILE_COUNT)]
+    speed_longdl, speed_cat = Series("longdl bundle"), Series("cat of the same files")
+    with common.workdir() as tmp:
+        data = tmp / "data"
+        storage_dir = Settings(data_dir=data).storage_dir
+        paths = [storage_dir / source_key(file_id) for file_id in ids]
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for index, path in enumerate(paths):
+            path.write_bytes(random.Random(index).randbytes(file_bytes))
+        with Longdl(data) as server:
+
+            def bundle(count: int) -> tuple[float, float, float]:
+                """(MB/s, seconds, RSS growth in MB) of one bundle of the first ``count``."""
+                pid = server.pid
+                os.sync()  # both start with no dirty pages to write back
+                before_kib = common.settled_rss_kib(pid, timeout_s=5)
+                common.reset_peak_rss(pid)
+                started = time.monotonic()
+                job = server.initiate(ids[:count])
+                done = server.wait_status(job, "completed", timeout_s=600)
+                wall_s = time.monotonic() - started
+                peak_kib = common.proc_status_kib(pid, "VmHWM")
+                size = int(done["result"]["size"])
+                (storage_dir / bundle_key(job["jobId"])).unlink(missing_ok=True)
+                seconds = common.job_seconds(done) or wall_s
+                return size / MB / seconds, seconds, (peak_kib - before_kib) * 1024 / MB
+
+            def cat(count: int) -> float:
+                out = tmp / "cat.out"
+                os.sync()
+                started = time.monotonic()
+                with out.open("wb") as sink:
+                    subprocess.run(["cat", *map(str, paths[:count])], stdout=sink, check=True)
+                seconds = time.monotonic() - started
+                out.unlink()
+                return count * file_bytes / MB / seconds
+
+            bundle(2)  # warm: imports, first connections, the thread pool
+            best: dict[int, dict[str, float]] = {}
+            for _ in range(common.rounds()):
+                for count in counts:
+                    entry = best.setdefault(count, {"cat": 0.0, "mbps": 0.0, "growth": 1e18})
+                    entry["cat"] = max(entry["cat"], cat(count))
+                    mbps, _seconds, growth = bundle(count)
+                    entry["mbps"] = max(entry["mbps"], mbps)
+                    entry["growth"] = min(entry["growth"], growth)
+    for count in counts:
+        size_mb = count * file_bytes / MB
+        speed_longdl.add(size_mb, best[count]["mbps"])
+        speed_cat.add(size_mb, best[count]["cat"])
+    full = best[FILE_COUNT]
+    label = f"bundle 1 GiB from {FILE_COUNT} files, local storage"
+    rows = [
+        Row("P5", label, full["mbps"], "MB/s", full["cat"], "cat of the same files",
+            min_ratio=0.7),
+        Row("P5", "RSS growth while bundling 1 GiB", full["growth"], "MB", max_value=64),
+    ]  # fmt: skip
+    plot = Plot(
+        "bundle-speed-vs-size",
+        "Bundle speed against bundle size (local storage)",
+        "bundle size (MB)",
+        "MB/s",
+        [speed_longdl, speed_cat],
+    )
+    return {
+        "sources": f"{FILE_COUNT} x {file_bytes / MB:.1f} MB random bytes",
+        **{
+            f"{count} files": f"longdl {b['mbps']:.0f} MB/s, cat {b['cat']:.0f} MB/s, "
+            f"RSS growth {b['growth']:.1f} MB"
+            for count, b in best.items()
+        },
+        "rows": rows,
+        "plots": [plot],
+    }
+
+
+if __name__ == "__main__":
+    for key, value in run().items():
+        print(f"{key}: {value}")

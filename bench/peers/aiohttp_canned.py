@@ -1,0 +1,47 @@
+"""Bare aiohttp answering canned responses: the ceiling of any aiohttp service here.
+
+``python bench/peers/aiohttp_canned.py PORT SPEC.json``; the spec lists routes, each with
+the exact body (and ETag) longdl answered, so both send the same bytes. A route with an
+``etag`` answers ``304`` to a matching ``If-None-Match``; a POST route reads its body.
+No middleware, no logging, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+
+def handler(route: dict[str, Any]) -> Any:
+    body = route["body"].encode()
+    status = int(route.get("status", 200))
+    content_type = route.get("content_type", "application/json")
+    etag = route.get("etag")
+    headers = {"ETag": etag} if etag else {}
+
+    async def get(request: web.Request) -> web.Response:
+        if etag and request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, status=status, content_type=content_type, headers=headers)
+
+    async def post(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body, status=status, content_type=content_type)
+
+    return post if route.get("method", "GET") == "POST" else get
+
+
+def main() -> None:
+    port, spec = int(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    app = web.Application()
+    for route in spec["routes"]:
+        app.router.add_route(route.get("method", "GET"), route["path"], handler(route))
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

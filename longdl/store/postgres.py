@@ -1,0 +1,854 @@
+"""The PostgreSQL store: one database shared by any number of longdl replicas.
+
+Chosen by ``DATABASE_URL=postgresql://…``. asyncpg drives it (the fastest well-kept
+asyncio driver, with its own pool and LISTEN support; psycopg 3 would need psycopg-pool
+beside it and is slower per statement here).
+
+- Writes are units (coroutines taking a connection) run by one writer task per replica:
+  units queued together share one transaction, a savepoint each (group commit). A unit
+  not yet taken when its caller is cancelled never runs; a taken one finishes, since
+  callers never run it themselves.
+- Claims and sweeps use ``FOR UPDATE SKIP LOCKED``; inserts of all replicas take turns on
+  an advisory transaction lock, so the limits and idempotency keys hold exactly.
+- Every change of a job's status or progress NOTIFYs ``longdl_jobs`` (a trigger); each
+  replica LISTENs on a connection of its own and wakes its long-polls, event streams,
+  waits and dispatcher.
+- Each replica's connections carry its worker id as ``application_name``: a replica that
+  died has none left in ``pg_stat_activity``, so its jobs come back at once, not when
+  their leases run out (unless connections are pooled in between, which hides them: then
+  leases alone decide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from longdl import exceptions
+from longdl.models import Job, JobStatus, Progress
+from longdl.store import base
+from longdl.store.base import (
+    IDEMPOTENCY_TTL_S,
+    DeliveryStatus,
+    Heartbeat,
+    Inserted,
+    Limits,
+    NewJob,
+    Rescued,
+    TrashItem,
+    WebhookDelivery,
+    WorkerInfo,
+)
+from longdl.store.queries import migrations, queries
+from longdl.store.sqlite import row_to_delivery, row_to_job
+
+log = logging.getLogger("longdl.store")
+
+T = TypeVar("T")
+Unit = Callable[[asyncpg.Connection], Awaitable[T]]
+ChangeListener = Callable[[str, str], None]
+
+#: Units sharing one transaction at most.
+MAX_BATCH = 256
+SWEEP_BATCH = 500
+WORKER_ROW_TTL_S = 24 * 3600
+#: The advisory lock migrations run under (replicas starting together migrate once).
+MIGRATION_LOCK = 7202407111
+#: Channel of the change notifications.
+CHANNEL = "longdl_jobs"
+
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
+class _Statement:
+    """A named query in asyncpg's form: ``$n`` placeholders and the names they take."""
+
+    def __init__(self, sql: str) -> None:
+        self.names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.names:
+                self.names.append(name)
+            return f"${self.names.index(name) + 1}"
+
+        self.sql = _PARAM.sub(number, sql)
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+S = {name: _Statement(query.sql) for name, query in queries("postgres").items()}
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def translate(exc: BaseException) -> exceptions.StoreUnavailable:
+    """The longdl error for a database failure that retrying later can fix."""
+    if isinstance(exc, asyncpg.exceptions.DiskFullError):
+        return exceptions.StoreFull("The database's disk is full; try again later", 30)
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError | asyncpg.DeadlockDetectedError):
+        return exceptions.StoreBusy("The database is busy; try again")
+    return exceptions.StoreUnavailable(f"The database failed: {type(exc).__name__}: {exc}")
+
+
+#: Failures of the database (or the way to it) rather than of a statement's logic.
+_DATABASE_ERRORS = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+class _Writer:
+    """The replica's writer task; concurrent units share a transaction."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._queue: asyncio.Queue[tuple[Unit[Any], asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._serve(), name="longdl postgres writer")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def run(self, unit: Unit[T]) -> T:
+        if self._task is None:
+            raise exceptions.StoreUnavailable("The store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((unit, future))
+        # A caller cancelled before the writer takes its unit cancels the future: the
+        # writer skips it. Once taken, the unit runs whole; the result is dropped.
+        return await future
+
+    async def _serve(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                more = self._queue.get_nowait()
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            units = [(unit, future) for unit, future in batch if not future.done()]
+            if units:
+                await self._together(units)
+            if stop:
+                return
+
+    async def _together(self, units: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                for unit, future in units:
+                    try:
+                        async with conn.transaction():  # a savepoint
+                            value = await unit(conn)
+                    except _DATABASE_ERRORS:
+                        raise  # the transaction is gone: the whole batch goes
+                    except Exception as exc:
+                        outcomes.append((future, None, exc))
+                    else:
+                        outcomes.append((future, value, None))
+        except Exception as exc:
+            error = exc if isinstance(exc, exceptions.LongdlError) else translate(exc)
+            log.warning("store.write_failed units=%d error=%r", len(units), exc)
+            for _, future in units:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for future, value, failure in outcomes:
+            if future.done():
+                continue  # its caller was cancelled meanwhile: the unit still ran whole
+            if failure is None:
+                future.set_result(value)
+            else:
+                future.set_exception(failure)
+
+
+class PostgresStore(base.Store):
+    """Durable job state in a PostgreSQL database that replicas share.
+
+    Args:
+        dsn: ``postgresql://user:password@host:port/db`` or the socket form
+            ``postgresql://user@/db?host=/run/postgresql``.
+        worker_id: this replica's worker id, sent as the connections' application_name.
+        pool_size: most connections in the pool (plus one for LISTEN).
+        stale_after_s: a worker without a heartbeat for this long is dead (LEASE_S).
+        busy_timeout_ms: lock_timeout of every statement.
+        clock: source of epoch seconds, injectable for tests.
+    """
+
+    name = "postgresql"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        worker_id: str = "longdl",
+        pool_size: int = 10,
+        stale_after_s: float = 30.0,
+        busy_timeout_ms: int = 5000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.pool_size = pool_size
+        self.stale_after_s = stale_after_s
+        self.busy_timeout_ms = busy_timeout_ms
+        self._clock = clock
+        self._pool: asyncpg.Pool | None = None
+        self._writer: _Writer | None = None
+        self._listeners: list[ChangeListener] = []
+        self._reconnected: list[Callable[[], None]] = []
+        self._listen_task: asyncio.Task[None] | None = None
+        #: Workers registered through this store: alive while it is open.
+        self._registered: set[str] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def _server_settings(self) -> dict[str, str]:
+        return {
+            "application_name": self.worker_id[:63],
+            "lock_timeout": f"{int(self.busy_timeout_ms)}ms",
+        }
+
+    async def open(self) -> None:
+        """Connect, migrate under an advisory lock, start the writer and the listener."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings=self._server_settings(),
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise exceptions.StoreUnavailable(f"Cannot reach PostgreSQL: {exc}") from exc
+        try:
+            await self._migrate()
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
+        self._writer = _Writer(self._pool)
+        self._writer.start()
+        listening = asyncio.Event()
+        self._listen_task = asyncio.create_task(
+            self._listen(listening), name="longdl postgres listen"
+        )
+        # Changes committed from here on are heard (a later connection loss says so).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await listening.wait()
+
+    async def close(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            await asyncio.gather(self._listen_task, return_exceptions=True)
+            self._listen_task = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    async def _migrate(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS longdl_migrations ("
+                    " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+                    " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM longdl_migrations")
+                }
+                for migration in migrations("postgres"):
+                    if migration.number in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO longdl_migrations (version, name) VALUES ($1, $2)",
+                            migration.number,
+                            migration.name,
+                        )
+                    log.info("store.migrated version=%d name=%s", migration.number, migration.name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+    async def _write(self, unit: Unit[T]) -> T:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return await self._writer.run(unit)
+
+    async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        statement = S[name]
+        try:
+            return list(await self.pool.fetch(statement.sql, *statement.args(params or {})))
+        except _DATABASE_ERRORS as exc:
+            raise translate(exc) from exc
+
+    async def _fetchrow(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        rows = await self._fetch(name, params)
+        return rows[0] if rows else None
+
+    async def ping(self) -> None:
+        await self._fetch("next_webhook_attempt_at")
+        await self._write(_noop)
+
+    async def schema_version(self) -> int:
+        value = await self.pool.fetchval("SELECT max(version) FROM longdl_migrations")
+        return int(value or 0)
+
+    def pool_stats(self) -> dict[str, int]:
+        """Connections of the pool: its size, how many are idle, its maximum."""
+        pool = self.pool
+        return {
+            "size": pool.get_size(),
+            "idle": pool.get_idle_size(),
+            "max": pool.get_max_size(),
+        }
+
+    # --- change notifications ----------------------------------------------------------
+
+    def add_change_listener(
+        self, on_change: ChangeListener, on_reconnect: Callable[[], None] | None = None
+    ) -> None:
+        """Call ``on_change(job_id, status)`` for every change any replica commits;
+        ``on_reconnect()`` after the listening connection was lost (changes may have been
+        missed: look again)."""
+        self._listeners.append(on_change)
+        if on_reconnect is not None:
+            self._reconnected.append(on_reconnect)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        job_id, _, status = payload.partition(" ")
+        for listener in list(self._listeners):
+            try:
+                listener(job_id, status)
+            except Exception:
+                log.exception("change listener failed")
+
+    async def _listen(self, listening: asyncio.Event) -> None:
+        """Hold a LISTEN connection, reconnecting with backoff when it drops."""
+        delay_s = 0.1
+        first = True
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self.dsn, server_settings=self._server_settings())
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("store.listen_failed retry_in_s=%.1f error=%r", delay_s, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
+                continue
+            try:
+                conn.add_termination_listener(functools.partial(_set_event, lost))
+                await conn.add_listener(CHANNEL, self._notified)
+                listening.set()
+                delay_s = 0.1
+                if not first:
+                    for callback in list(self._reconnected):
+                        callback()
+                first = False
+                await lost.wait()
+                log.warning("store.listen_lost")
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._fetchrow("get_job", {"id": job_id})
+        return row_to_job(row) if row else None
+
+    async def list_jobs(
+        self,
+        *,
+        owner: str,
+        client: str | None = None,
+        user_id: str | None = None,
+        statuses: Sequence[JobStatus] = (),
+        limit: int = 20,
+        before: tuple[float, str] | None = None,
+    ) -> list[Job]:
+        params: dict[str, Any] = {
+            "owner": owner,
+            "client": owner if client is None else client,
+            "user_id": user_id,
+            "statuses": json.dumps([s.value for s in statuses]) if statuses else None,
+            "limit": limit,
+        }
+        name = "list_jobs"
+        if before is not None:
+            name = "list_jobs_before"
+            params["before_at"], params["before_id"] = before
+        return [row_to_job(row) for row in await self._fetch(name, params)]
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        for row in await self._fetch("count_by_status"):
+            counts[JobStatus(row["status"])] = int(row["n"])
+        return counts
+
+    async def next_run_after(self) -> float | None:
+        row = await self._fetchrow("next_run_after")
+        return None if row is None or row[0] is None else float(row[0])
+
+    # --- submitting --------------------------------------------------------------------
+
+    async def insert_job(
+        self,
+        new: NewJob,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+        limits: Limits | None = None,
+    ) -> Inserted:
+        now = self._clock()
+        progress = new.progress or Progress()
+        params = {
+            "id": new.id,
+            "kind": new.kind,
+            "priority": int(new.priority),
+            "payload": _dumps(new.payload),
+            "max_attempts": new.max_attempts,
+            "progress": _dumps(progress.to_dict()),
+            "owner": new.owner,
+            "client": new.client,
+            "user_id": new.user_id,
+            "client_request_id": new.client_request_id,
+            "callback_url": new.callback_url,
+            "now": now,
+            "expires_at": new.expires_at,
+        }
+        key = {"owner": new.owner, "key": idempotency_key}
+
+        async def unit(conn: asyncpg.Connection) -> Inserted:
+            await _execute(conn, "lock_inserts", {})
+            if idempotency_key is not None:
+                stale = {**key, "stale_before": now - IDEMPOTENCY_TTL_S}
+                await _execute(conn, "delete_stale_key", stale)
+                existing = await _fetchrow(conn, "find_key", key)
+                if existing is not None:
+                    row = await _fetchrow(conn, "get_job", {"id": existing["job_id"]})
+                    return Inserted(row_to_job(row), True, existing["request_hash"])
+            if limits is not None:
+                await _check_limits(conn, new.client, limits)
+            row = await _fetchrow(conn, "insert_job", params)
+            if idempotency_key is not None:
+                await _execute(
+                    conn,
+                    "insert_key",
+                    {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
+                )
+            return Inserted(row_to_job(row), False)
+
+        return await self._write(unit)
+
+    # --- workers and leases ------------------------------------------------------------
+
+    async def register_worker(self, worker: WorkerInfo) -> None:
+        params = {"id": worker.id, "host": worker.host, "pid": worker.pid, "now": self._clock()}
+        await self._write(lambda conn: _execute(conn, "register_worker", params))
+        self._registered.add(worker.id)
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self._write(lambda conn: _execute(conn, "unregister_worker", {"id": worker_id}))
+        self._registered.discard(worker_id)
+
+    async def _worker_liveness(self) -> tuple[list[str], set[str]]:
+        """Registered worker ids, and those alive: a fresh heartbeat, and (when this
+        deployment shows it, i.e. our own id is visible) connections open."""
+        now = self._clock()
+        rows = await self._fetch("workers")
+        connected = {row[0] for row in await self._fetch("connected_workers")}
+        trusted = self.worker_id[:63] in connected
+        connected |= {worker_id[:63] for worker_id in self._registered}
+        alive = {
+            row["id"]
+            for row in rows
+            if now - row["heartbeat_at"] <= self.stale_after_s
+            and (not trusted or row["id"][:63] in connected)
+        }
+        return [row["id"] for row in rows], alive
+
+    async def live_workers(self) -> set[str]:
+        return (await self._worker_liveness())[1]
+
+    async def claim(self, worker_id: str, lease_s: float, limit: int) -> list[Job]:
+        now = self._clock()
+        params = {"now": now, "worker_id": worker_id, "lease_until": now + lease_s, "limit": limit}
+
+        async def unit(conn: asyncpg.Connection) -> list[Job]:
+            jobs = [row_to_job(row) for row in await _fetch(conn, "claim", params)]
+            jobs.sort(key=lambda j: (-int(j.priority), j.run_after, j.created_at))
+            return jobs
+
+        return await self._write(unit)
+
+    async def heartbeat(
+        self, worker_id: str, lease_s: float, progress: Mapping[str, Progress]
+    ) -> Heartbeat:
+        now = self._clock()
+        updates = [
+            S["save_progress"].args(
+                {"id": job_id, "worker_id": worker_id, "now": now, "progress": _dumps(p.to_dict())}
+            )
+            for job_id, p in progress.items()
+        ]
+
+        async def unit(conn: asyncpg.Connection) -> Heartbeat:
+            if updates:
+                await conn.executemany(S["save_progress"].sql, updates)
+            held = await _fetch(
+                conn, "renew_leases", {"worker_id": worker_id, "lease_until": now + lease_s}
+            )
+            await _execute(conn, "beat", {"id": worker_id, "now": now})
+            return Heartbeat(frozenset(row["id"] for row in held))
+
+        return await self._write(unit)
+
+    async def rescue_stalled(
+        self, *, max_stalls: int, ttl_s: float, exclude_worker: str | None = None
+    ) -> Rescued:
+        ids, alive = await self._worker_liveness()
+        dead = [i for i in ids if i != exclude_worker and i not in alive]
+        now = self._clock()
+
+        async def unit(conn: asyncpg.Connection) -> Rescued:
+            for worker_id in dead:
+                await _execute(conn, "drop_leases_of", {"worker_id": worker_id})
+                await _execute(conn, "unregister_worker", {"id": worker_id})
+            await _execute(conn, "forget_stale_workers", {"before": now - WORKER_ROW_TTL_S})
+            rescued = Rescued()
+            stalled = await _fetch(
+                conn, "stalled", {"now": now, "exclude": exclude_worker, "limit": SWEEP_BATCH}
+            )
+            for row in stalled:
+                job = row_to_job(row)
+                if job.stalls + 1 >= max_stalls:
+                    error, progress = base.worker_lost(job)
+                    params = {
+                        "id": job.id,
+                        "now": now,
+                        "error": _dumps(error),
+                        "progress": _dumps(progress.to_dict()),
+                        "expires_at": now + ttl_s,
+                    }
+                    lost = await _fetchrow(conn, "fail_stalled", params)
+                    if lost is not None:
+                        rescued.lost.append(row_to_job(lost))
+                else:
+                    progress = base.requeued_progress(job, "Re-queued: its worker stopped")
+                    params = {"id": job.id, "now": now, "progress": _dumps(progress.to_dict())}
+                    again = await _fetchrow(conn, "requeue_stalled", params)
+                    if again is not None:
+                        rescued.requeued.append(row_to_job(again))
+            return rescued
+
+        return await self._write(unit)
+
+    # --- a held job --------------------------------------------------------------------
+
+    async def _job_write(self, name: str, params: dict[str, Any]) -> Job | None:
+        params = {"now": self._clock(), **params}
+
+        async def unit(conn: asyncpg.Connection) -> Job | None:
+            row = await _fetchrow(conn, name, params)
+            return row_to_job(row) if row else None
+
+        return await self._write(unit)
+
+    async def set_status(
+        self, job_id: str, worker_id: str, status: JobStatus, progress: Progress
+    ) -> Job | None:
+        return await self._job_write(
+            "set_status",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "status": status.value,
+                "progress": _dumps(progress.to_dict()),
+            },
+        )
+
+    async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
+        params = {"id": job_id, "worker_id": worker_id, "key": key}
+        await self._write(lambda conn: _execute(conn, "add_output", params))
+
+    async def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        result: dict[str, Any],
+        progress: Progress,
+        ttl_s: float,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._job_write(
+            "complete",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "result": _dumps(result),
+                "progress": _dumps(progress.to_dict()),
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    async def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        error: dict[str, Any],
+        progress: Progress,
+        ttl_s: float,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._job_write(
+            "fail",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "error": _dumps(error),
+                "progress": _dumps(progress.to_dict()),
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    async def retry_later(
+        self,
+        job_id: str,
+        worker_id: str,
+        delay_s: float,
+        error: dict[str, Any],
+        progress: Progress,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._job_write(
+            "retry_later",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "run_after": now + delay_s,
+                "error": _dumps(error),
+                "progress": _dumps(progress.to_dict()),
+            },
+        )
+
+    async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:
+        return await self._job_write(
+            "release",
+            {"id": job_id, "worker_id": worker_id, "progress": _dumps(progress.to_dict())},
+        )
+
+    async def release_all(self, worker_id: str, message: str) -> list[str]:
+        params = {"worker_id": worker_id, "message": message, "now": self._clock()}
+
+        async def unit(conn: asyncpg.Connection) -> list[str]:
+            return [row["id"] for row in await _fetch(conn, "release_all", params)]
+
+        return await self._write(unit)
+
+    # --- anyone ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, ttl_s: float, message: str) -> Job | None:
+        now = self._clock()
+        error = {"code": "CANCELED", "message": message, "retryable": False}
+        return await self._job_write(
+            "cancel",
+            {
+                "id": job_id,
+                "now": now,
+                "error": _dumps(error),
+                "message": message,
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    # --- maintenance -------------------------------------------------------------------
+
+    async def expire_due(self, limit: int) -> list[Job]:
+        params = {"now": self._clock(), "limit": limit}
+
+        async def unit(conn: asyncpg.Connection) -> list[Job]:
+            return [row_to_job(row) for row in await _fetch(conn, "expire_due", params)]
+
+        return await self._write(unit)
+
+    async def purge(self, retention_s: float, limit: int) -> int:
+        now = self._clock()
+
+        async def unit(conn: asyncpg.Connection) -> int:
+            await _execute(conn, "purge_keys", {"before": now - IDEMPOTENCY_TTL_S, "limit": limit})
+            rows = await _fetch(conn, "purge_jobs", {"before": now - retention_s, "limit": limit})
+            return len(rows)
+
+        return await self._write(unit)
+
+    async def compact(self) -> None:
+        await self._write(lambda conn: _execute(conn, "compact_counts", {}))
+
+    async def claim_trash(self, limit: int, lease_s: float) -> list[TrashItem]:
+        now = self._clock()
+        params = {"now": now, "lease_until": now + lease_s, "limit": limit}
+
+        async def unit(conn: asyncpg.Connection) -> list[TrashItem]:
+            rows = await _fetch(conn, "claim_trash", params)
+            return [TrashItem(row["key"], row["job_id"], row["attempts"]) for row in rows]
+
+        return await self._write(unit)
+
+    async def trash_done(self, keys: Sequence[str]) -> None:
+        params = {"keys": list(keys)}
+        await self._write(lambda conn: _execute(conn, "trash_done", params))
+
+    async def trash_retry(self, keys: Sequence[str], delay_s: float) -> None:
+        params = {"keys": list(keys), "next_attempt_at": self._clock() + delay_s}
+        await self._write(lambda conn: _execute(conn, "trash_retry", params))
+
+    # --- webhook deliveries ------------------------------------------------------------
+
+    async def claim_webhook_deliveries(
+        self, worker_id: str, limit: int, lease_s: float
+    ) -> list[WebhookDelivery]:
+        now = self._clock()
+        params = {"now": now, "worker_id": worker_id, "lease_until": now + lease_s, "limit": limit}
+
+        async def unit(conn: asyncpg.Connection) -> list[WebhookDelivery]:
+            rows = await _fetch(conn, "claim_webhook_deliveries", params)
+            return sorted((row_to_delivery(r) for r in rows), key=lambda d: (d.created_at, d.id))
+
+        return await self._write(unit)
+
+    async def next_webhook_attempt_at(self) -> float | None:
+        row = await self._fetchrow("next_webhook_attempt_at")
+        return None if row is None else float(row[0])
+
+    async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
+        rows = await self._fetch("webhook_deliveries_of", {"job_id": job_id})
+        return [row_to_delivery(row) for row in rows]
+
+    async def set_webhook_payload(self, delivery_id: str, payload: str) -> str | None:
+        params = {"id": delivery_id, "payload": payload}
+
+        async def unit(conn: asyncpg.Connection) -> str | None:
+            row = await _fetchrow(conn, "set_webhook_payload", params)
+            return None if row is None else str(row["payload"])
+
+        return await self._write(unit)
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: str,
+        status: DeliveryStatus,
+        *,
+        attempted: bool,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        status_code: int | None = None,
+    ) -> WebhookDelivery | None:
+        params = {
+            "id": delivery_id,
+            "status": status,
+            "attempted": int(attempted),
+            "next_attempt_at": next_attempt_at,
+            "error": error,
+            "status_code": status_code,
+            "now": self._clock(),
+        }
+
+        async def unit(conn: asyncpg.Connection) -> WebhookDelivery | None:
+            row = await _fetchrow(conn, "record_webhook_attempt", params)
+            return row_to_delivery(row) if row else None
+
+        return await self._write(unit)
+
+    async def count_webhook_deliveries(self) -> dict[str, int]:
+        counts = dict.fromkeys(("pending", "delivered", "failed"), 0)
+        for row in await self._fetch("count_webhook_deliveries"):
+            counts[str(row["status"])] = int(row["n"])
+        return counts
+
+
+def _set_event(event: asyncio.Event, _conn: object) -> None:
+    event.set()
+
+
+async def _noop(conn: asyncpg.Connection) -> None:
+    return None
+
+
+async def _fetch(conn: asyncpg.Connection, name: str, params: Mapping[str, Any]) -> list[Any]:
+    statement = S[name]
+    return list(await conn.fetch(statement.sql, *statement.args(params)))
+
+
+async def _fetchrow(conn: asyncpg.Connection, name: str, params: Mapping[str, Any]) -> Any:
+    statement = S[name]
+    return await conn.fetchrow(statement.sql, *statement.args(params))
+
+
+async def _execute(conn: asyncpg.Connection, name: str, params: Mapping[str, Any]) -> None:
+    statement = S[name]
+    await conn.execute(statement.sql, *statement.args(params))
+
+
+async def _check_limits(conn: asyncpg.Connection, client: str, limits: Limits) -> None:
+    """Raise if a new job would exceed ``limits``. Inserts hold the insert lock, so the
+    bounded counts (at most the limit's entries of an index) are exact."""
+    queued = await _fetchrow(conn, "queued_count", {"most": limits.max_queued})
+    if queued["n"] >= limits.max_queued:
+        raise exceptions.Overloaded(
+            "Too many jobs are waiting; try again later", limits.queued_retry_after_s
+        )
+    active = await _fetchrow(
+        conn, "client_active_count", {"client": client, "most": limits.max_active_per_client}
+    )
+    if active["n"] >= limits.max_active_per_client:
+        raise exceptions.TooManyActiveJobs(
+            f"At most {limits.max_active_per_client} unfinished jobs per caller",
+            limits.active_retry_after_s,
+        )

@@ -1,0 +1,907 @@
+"""The SQLite store: one file in WAL mode, the zero-configuration default.
+
+Writes: one connection on one thread runs every write as a *unit*, a plain function of
+the connection. Units queued while the thread is busy share one transaction (group
+commit): each runs inside its own savepoint, so one unit's error undoes only that unit,
+and the batch commits once, with one fsync when ``DB_SYNCHRONOUS=full``. A unit runs
+whole or not at all whatever happens to the coroutine awaiting it: one that has not
+started when its caller is cancelled never runs (``concurrent.futures`` semantics), one
+that has started finishes on the thread, and the connection is never left inside a
+transaction.
+
+Reads: their own aiosqlite connections, so they see only committed data.
+
+Several processes may share the file (one host): each process is a worker holding an
+advisory lock on a file of its own next to the database, which the kernel releases when
+the process dies however it dies, so a crashed worker's jobs are taken back at once
+instead of when their leases run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+
+from longdl import exceptions
+from longdl.models import Job, JobStatus, Priority, Progress
+from longdl.store import base
+from longdl.store.base import (
+    IDEMPOTENCY_TTL_S,
+    DeliveryStatus,
+    Heartbeat,
+    Inserted,
+    Limits,
+    NewJob,
+    Rescued,
+    TrashItem,
+    WebhookDelivery,
+    WorkerInfo,
+)
+from longdl.store.queries import migrations, queries
+
+log = logging.getLogger("longdl.store")
+
+T = TypeVar("T")
+Unit = Callable[[sqlite3.Connection], T]
+
+Q = {name: query.sql for name, query in queries("sqlite").items()}
+
+#: Units sharing one transaction at most.
+MAX_BATCH = 256
+#: Rows one maintenance statement touches at most.
+SWEEP_BATCH = 500
+#: Worker rows without a heartbeat for this many seconds are forgotten.
+WORKER_ROW_TTL_S = 24 * 3600
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def row_to_job(row: Mapping[str, Any]) -> Job:
+    """A jobs row as a :class:`Job`."""
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        status=JobStatus(row["status"]),
+        priority=Priority(row["priority"]),
+        payload=json.loads(row["payload"]),
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        progress=Progress.from_dict(json.loads(row["progress"])),
+        result=_loads(row["result"]),
+        error=_loads(row["error"]),
+        owner=row["owner"],
+        user_id=row["user_id"],
+        client_request_id=row["client_request_id"],
+        callback_url=row["callback_url"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        run_after=row["run_after"],
+        expires_at=row["expires_at"],
+        client=row["client"],
+        worker_id=row["worker_id"],
+        lease_expires_at=row["lease_expires_at"],
+        stalls=row["stalls"],
+    )
+
+
+_DELIVERY_FIELDS = (
+    "id",
+    "job_id",
+    "event_type",
+    "url",
+    "payload",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_status_code",
+    "created_at",
+    "updated_at",
+    "delivered_at",
+)
+
+
+def row_to_delivery(row: Mapping[str, Any]) -> WebhookDelivery:
+    return WebhookDelivery(**{name: row[name] for name in _DELIVERY_FIELDS})
+
+
+def translate(exc: sqlite3.Error) -> exceptions.StoreUnavailable:
+    """The longdl error for an SQLite failure that retrying later can fix."""
+    name = getattr(exc, "sqlite_errorname", "")
+    text = str(exc)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return exceptions.StoreBusy(
+            "The database is busy (another process holds its write lock); try again"
+        )
+    if name.startswith("SQLITE_FULL") or "full" in text:
+        return exceptions.StoreFull("The disk under the database is full; try again later", 30)
+    return exceptions.StoreUnavailable(f"The database failed: {text}")
+
+
+def _statements(script: str) -> Iterable[str]:
+    """The statements of a migration script (triggers included), one by one."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statement = pending.strip()
+            pending = ""
+            if statement and not all(
+                part.strip().startswith("--") or not part.strip() for part in statement.splitlines()
+            ):
+                yield statement
+
+
+class _Writer:
+    """The writing connection and its thread; concurrent units share a transaction."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._queue: queue.SimpleQueue[
+            tuple[Unit[Any], concurrent.futures.Future[Any], bool] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="longdl sqlite writer")
+        self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._closed = False
+
+    async def start(self) -> None:
+        self._thread.start()
+        await asyncio.wrap_future(self._ready)
+
+    async def stop(self) -> None:
+        """Finish every unit already queued, then close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    async def run(self, unit: Unit[T], *, transaction: bool = True) -> T:
+        """Run ``unit`` on the writing connection, inside a transaction it shares with the
+        units queued beside it (``transaction=False``: alone, managing its own)."""
+        if self._closed:
+            raise exceptions.StoreUnavailable("The store is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((unit, future, transaction))
+        # Cancelling the wrapper cancels ``future`` unless the unit already started.
+        return await asyncio.wrap_future(future)
+
+    def _serve(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._execute(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _execute(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Unit[Any], concurrent.futures.Future[Any], bool]],
+    ) -> None:
+        shared: list[tuple[Unit[Any], concurrent.futures.Future[Any]]] = []
+        for unit, future, transaction in batch:
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it started: it never runs
+            if transaction:
+                shared.append((unit, future))
+            else:
+                self._alone(conn, unit, future)
+        if shared:
+            self._together(conn, shared)
+
+    @staticmethod
+    def _alone(
+        conn: sqlite3.Connection, unit: Unit[Any], future: concurrent.futures.Future[Any]
+    ) -> None:
+        try:
+            future.set_result(unit(conn))
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.rollback()
+            future.set_exception(exc)
+
+    @staticmethod
+    def _together(
+        conn: sqlite3.Connection,
+        units: list[tuple[Unit[Any], concurrent.futures.Future[Any]]],
+    ) -> None:
+        outcomes: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for unit, future in units:
+                conn.execute("SAVEPOINT unit")
+                try:
+                    value = unit(conn)
+                except BaseException as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back: the batch goes
+                    conn.execute("ROLLBACK TO unit")
+                    conn.execute("RELEASE unit")
+                    if isinstance(exc, sqlite3.OperationalError):
+                        exc = translate(exc)
+                    outcomes.append((future, None, exc))
+                else:
+                    conn.execute("RELEASE unit")
+                    outcomes.append((future, value, None))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = translate(exc) if isinstance(exc, sqlite3.Error) else exc
+            log.warning("store.write_failed units=%d error=%s", len(units), exc)
+            for _, future in units:
+                future.set_exception(error)
+            return
+        for future, value, failure in outcomes:
+            if failure is None:
+                future.set_result(value)
+            else:
+                future.set_exception(failure)
+
+
+class _WorkerLocks:
+    """Advisory locks proving which workers on this host are alive.
+
+    Each worker holds an exclusive ``flock`` on ``<folder>/<worker_id>.lock`` while it
+    runs; the kernel drops it when the process ends, SIGKILL included. A worker whose
+    file can be locked by someone else is dead.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._held: dict[str, int] = {}
+
+    def _path(self, worker_id: str) -> Path:
+        return self.folder / f"{worker_id}.lock"
+
+    def hold(self, worker_id: str) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self._path(worker_id), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held[worker_id] = fd
+
+    def release(self, worker_id: str) -> None:
+        fd = self._held.pop(worker_id, None)
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self._path(worker_id).unlink()
+        os.close(fd)
+
+    def release_all(self) -> None:
+        for worker_id in list(self._held):
+            self.release(worker_id)
+
+    def is_alive(self, worker_id: str) -> bool:
+        if worker_id in self._held:
+            return True
+        try:
+            fd = os.open(self._path(worker_id), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def forget(self, worker_id: str) -> None:
+        """Remove a dead worker's lock file."""
+        with contextlib.suppress(OSError):
+            self._path(worker_id).unlink()
+
+
+class SQLiteStore(base.Store):
+    """Durable job state in one SQLite file (WAL mode).
+
+    Args:
+        path: database file; created with its folder when missing (mode 0600).
+        synchronous: ``normal`` (survives a process crash) or ``full`` (a power cut too).
+        busy_timeout_ms: how long a write waits for another process's write lock.
+        readers: read connections.
+        clock: source of epoch seconds, injectable for tests.
+        on_connect: called with the writing connection once it is set up (to register
+            SQL functions, or trace statements while debugging).
+    """
+
+    name = "sqlite"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        busy_timeout_ms: int = 5000,
+        readers: int = 2,
+        clock: Callable[[], float] = time.time,
+        on_connect: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._on_connect = on_connect
+        self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        self._clock = clock
+        self._reader_count = readers
+        self._writer: _Writer | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = itertools.cycle(range(max(1, readers)))
+        self._locks = _WorkerLocks(path.with_name(path.name + "-workers"))
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode survives a process crash (SIGKILL); FULL also a power cut.
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        if self._on_connect is not None:
+            self._on_connect(conn)
+        return conn
+
+    def _create_private(self) -> None:
+        """Create the folder and the file readable by this user only; SQLite gives its
+        -wal and -shm files the database file's mode."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self.path}{suffix}", 0o600)
+
+    async def open(self) -> None:
+        """Connect, switch to WAL and apply pending migrations."""
+        await asyncio.to_thread(self._create_private)
+        writer = _Writer(self._connect_writer)
+        await writer.start()
+        self._writer = writer
+        try:
+            await writer.run(self._migrate, transaction=False)
+            for _ in range(max(1, self._reader_count)):
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                reader.row_factory = aiosqlite.Row
+                await reader.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+                await reader.execute("PRAGMA query_only = ON")
+                self._readers.append(reader)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            await reader.close()
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
+        await asyncio.to_thread(self._locks.release_all)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Apply pending migrations, each in a transaction that also checks the version
+        (processes starting together migrate once)."""
+        for migration in migrations("sqlite"):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if version >= migration.number:
+                    conn.execute("ROLLBACK")
+                    continue
+                for statement in _statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("store.migrated version=%d name=%s", migration.number, migration.name)
+
+    async def _write(self, unit: Unit[T]) -> T:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return await self._writer.run(unit)
+
+    def _reader(self) -> aiosqlite.Connection:
+        if not self._readers:
+            raise RuntimeError("store is not open")
+        return self._readers[next(self._next_reader) % len(self._readers)]
+
+    async def _read_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        async with self._reader().execute(Q[name], params or {}) as cur:
+            return list(await cur.fetchall())
+
+    async def _read_one(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        async with self._reader().execute(Q[name], params or {}) as cur:
+            return await cur.fetchone()
+
+    async def ping(self) -> None:
+        await self._read_one("queued_count")
+        await self._write(lambda conn: None)
+
+    async def writer_pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` on the writing connection (diagnostics, tests)."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return await self._write(lambda conn: conn.execute(f"PRAGMA {name}").fetchone()[0])
+
+    async def schema_version(self) -> int:
+        async with self._reader().execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._read_one("get_job", {"id": job_id})
+        return row_to_job(row) if row else None
+
+    async def list_jobs(
+        self,
+        *,
+        owner: str,
+        client: str | None = None,
+        user_id: str | None = None,
+        statuses: Sequence[JobStatus] = (),
+        limit: int = 20,
+        before: tuple[float, str] | None = None,
+    ) -> list[Job]:
+        params: dict[str, Any] = {
+            "owner": owner,
+            "client": owner if client is None else client,
+            "user_id": user_id,
+            "statuses": json.dumps([s.value for s in statuses]) if statuses else None,
+            "limit": limit,
+        }
+        name = "list_jobs"
+        if before is not None:
+            name = "list_jobs_before"
+            params["before_at"], params["before_id"] = before
+        return [row_to_job(row) for row in await self._read_all(name, params)]
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        for row in await self._read_all("count_by_status"):
+            counts[JobStatus(row["status"])] = int(row["n"])
+        return counts
+
+    async def next_run_after(self) -> float | None:
+        row = await self._read_one("next_run_after")
+        return None if row is None or row[0] is None else float(row[0])
+
+    # --- submitting --------------------------------------------------------------------
+
+    async def insert_job(
+        self,
+        new: NewJob,
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+        limits: Limits | None = None,
+    ) -> Inserted:
+        now = self._clock()
+        progress = new.progress or Progress()
+        params = {
+            "id": new.id,
+            "kind": new.kind,
+            "priority": int(new.priority),
+            "payload": _dumps(new.payload),
+            "max_attempts": new.max_attempts,
+            "progress": _dumps(progress.to_dict()),
+            "owner": new.owner,
+            "client": new.client,
+            "user_id": new.user_id,
+            "client_request_id": new.client_request_id,
+            "callback_url": new.callback_url,
+            "now": now,
+            "expires_at": new.expires_at,
+        }
+        key = {"owner": new.owner, "key": idempotency_key}
+
+        def unit(conn: sqlite3.Connection) -> Inserted:
+            if idempotency_key is not None:
+                stale = {**key, "stale_before": now - IDEMPOTENCY_TTL_S}
+                conn.execute(Q["delete_stale_key"], stale)
+                existing = conn.execute(Q["find_key"], key).fetchone()
+                if existing is not None:
+                    row = conn.execute(Q["get_job"], {"id": existing["job_id"]}).fetchone()
+                    return Inserted(row_to_job(row), True, existing["request_hash"])
+            if limits is not None:
+                _check_limits(conn, new.client, limits)
+            row = conn.execute(Q["insert_job"] + " RETURNING *", params).fetchone()
+            if idempotency_key is not None:
+                conn.execute(
+                    Q["insert_key"],
+                    {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
+                )
+            return Inserted(row_to_job(row), False)
+
+        return await self._write(unit)
+
+    # --- workers and leases ------------------------------------------------------------
+
+    async def register_worker(self, worker: WorkerInfo) -> None:
+        await asyncio.to_thread(self._locks.hold, worker.id)
+        now = self._clock()
+        await self._write(
+            lambda conn: conn.execute(
+                Q["register_worker"],
+                {"id": worker.id, "host": worker.host, "pid": worker.pid, "now": now},
+            )
+        )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self._write(lambda conn: conn.execute(Q["unregister_worker"], {"id": worker_id}))
+        await asyncio.to_thread(self._locks.release, worker_id)
+
+    async def live_workers(self) -> set[str]:
+        ids = [row["id"] for row in await self._read_all("workers")]
+        alive = await asyncio.to_thread(lambda: [i for i in ids if self._locks.is_alive(i)])
+        return set(alive)
+
+    async def claim(self, worker_id: str, lease_s: float, limit: int) -> list[Job]:
+        now = self._clock()
+        params = {"now": now, "worker_id": worker_id, "lease_until": now + lease_s, "limit": limit}
+
+        def unit(conn: sqlite3.Connection) -> list[Job]:
+            jobs = [row_to_job(row) for row in conn.execute(Q["claim"], params).fetchall()]
+            # RETURNING comes in no particular order; start the most urgent first.
+            jobs.sort(key=lambda j: (-int(j.priority), j.run_after, j.created_at))
+            return jobs
+
+        return await self._write(unit)
+
+    async def heartbeat(
+        self, worker_id: str, lease_s: float, progress: Mapping[str, Progress]
+    ) -> Heartbeat:
+        now = self._clock()
+        updates = [
+            {"id": job_id, "worker_id": worker_id, "now": now, "progress": _dumps(p.to_dict())}
+            for job_id, p in progress.items()
+        ]
+
+        def unit(conn: sqlite3.Connection) -> Heartbeat:
+            if updates:
+                conn.executemany(Q["save_progress"], updates)
+            held = conn.execute(
+                Q["renew_leases"], {"worker_id": worker_id, "lease_until": now + lease_s}
+            ).fetchall()
+            conn.execute(Q["beat"], {"id": worker_id, "now": now})
+            return Heartbeat(frozenset(row["id"] for row in held))
+
+        return await self._write(unit)
+
+    async def rescue_stalled(
+        self, *, max_stalls: int, ttl_s: float, exclude_worker: str | None = None
+    ) -> Rescued:
+        ids = [row["id"] for row in await self._read_all("workers")]
+        dead = await asyncio.to_thread(
+            lambda: [i for i in ids if i != exclude_worker and not self._locks.is_alive(i)]
+        )
+        now = self._clock()
+
+        def unit(conn: sqlite3.Connection) -> Rescued:
+            for worker_id in dead:
+                conn.execute(Q["drop_leases_of"], {"worker_id": worker_id})
+                conn.execute(Q["unregister_worker"], {"id": worker_id})
+            conn.execute(Q["forget_stale_workers"], {"before": now - WORKER_ROW_TTL_S})
+            rescued = Rescued()
+            stalled = conn.execute(
+                Q["stalled"], {"now": now, "exclude": exclude_worker or "", "limit": SWEEP_BATCH}
+            ).fetchall()
+            for row in stalled:
+                job = row_to_job(row)
+                if job.stalls + 1 >= max_stalls:
+                    error, progress = base.worker_lost(job)
+                    params = {
+                        "id": job.id,
+                        "now": now,
+                        "error": _dumps(error),
+                        "progress": _dumps(progress.to_dict()),
+                        "expires_at": now + ttl_s,
+                    }
+                    lost = conn.execute(Q["fail_stalled"], params).fetchone()
+                    if lost is not None:
+                        rescued.lost.append(row_to_job(lost))
+                else:
+                    progress = base.requeued_progress(job, "Re-queued: its worker stopped")
+                    params = {"id": job.id, "now": now, "progress": _dumps(progress.to_dict())}
+                    again = conn.execute(Q["requeue_stalled"], params).fetchone()
+                    if again is not None:
+                        rescued.requeued.append(row_to_job(again))
+            return rescued
+
+        rescued = await self._write(unit)
+        for worker_id in dead:
+            await asyncio.to_thread(self._locks.forget, worker_id)
+        return rescued
+
+    # --- a held job --------------------------------------------------------------------
+
+    async def _held_write(self, name: str, params: dict[str, Any]) -> Job | None:
+        params = {"now": self._clock(), **params}
+
+        def unit(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(Q[name], params).fetchone()
+            return row_to_job(row) if row else None
+
+        return await self._write(unit)
+
+    async def set_status(
+        self, job_id: str, worker_id: str, status: JobStatus, progress: Progress
+    ) -> Job | None:
+        return await self._held_write(
+            "set_status",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "status": status.value,
+                "progress": _dumps(progress.to_dict()),
+            },
+        )
+
+    async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                Q["add_output"], {"id": job_id, "worker_id": worker_id, "key": key}
+            )
+        )
+
+    async def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        result: dict[str, Any],
+        progress: Progress,
+        ttl_s: float,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._held_write(
+            "complete",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "result": _dumps(result),
+                "progress": _dumps(progress.to_dict()),
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    async def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        error: dict[str, Any],
+        progress: Progress,
+        ttl_s: float,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._held_write(
+            "fail",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "error": _dumps(error),
+                "progress": _dumps(progress.to_dict()),
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    async def retry_later(
+        self,
+        job_id: str,
+        worker_id: str,
+        delay_s: float,
+        error: dict[str, Any],
+        progress: Progress,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._held_write(
+            "retry_later",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "run_after": now + delay_s,
+                "error": _dumps(error),
+                "progress": _dumps(progress.to_dict()),
+            },
+        )
+
+    async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:
+        return await self._held_write(
+            "release",
+            {"id": job_id, "worker_id": worker_id, "progress": _dumps(progress.to_dict())},
+        )
+
+    async def release_all(self, worker_id: str, message: str) -> list[str]:
+        params = {"worker_id": worker_id, "message": message, "now": self._clock()}
+        return await self._write(
+            lambda conn: [row["id"] for row in conn.execute(Q["release_all"], params)]
+        )
+
+    # --- anyone ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, ttl_s: float, message: str) -> Job | None:
+        now = self._clock()
+        error = {"code": "CANCELED", "message": message, "retryable": False}
+        return await self._held_write(
+            "cancel",
+            {
+                "id": job_id,
+                "now": now,
+                "error": _dumps(error),
+                "message": message,
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    # --- maintenance -------------------------------------------------------------------
+
+    async def expire_due(self, limit: int) -> list[Job]:
+        params = {"now": self._clock(), "limit": limit}
+        return await self._write(
+            lambda conn: [row_to_job(r) for r in conn.execute(Q["expire_due"], params)]
+        )
+
+    async def purge(self, retention_s: float, limit: int) -> int:
+        now = self._clock()
+
+        def unit(conn: sqlite3.Connection) -> int:
+            conn.execute(Q["purge_keys"], {"before": now - IDEMPOTENCY_TTL_S, "limit": limit})
+            params = {"before": now - retention_s, "limit": limit}
+            return len(conn.execute(Q["purge_jobs"], params).fetchall())
+
+        return await self._write(unit)
+
+    async def claim_trash(self, limit: int, lease_s: float) -> list[TrashItem]:
+        now = self._clock()
+        params = {"now": now, "lease_until": now + lease_s, "limit": limit}
+
+        def unit(conn: sqlite3.Connection) -> list[TrashItem]:
+            rows = conn.execute(Q["claim_trash"], params).fetchall()
+            return [TrashItem(row["key"], row["job_id"], row["attempts"]) for row in rows]
+
+        return await self._write(unit)
+
+    async def trash_done(self, keys: Sequence[str]) -> None:
+        params = [{"key": key} for key in keys]
+        await self._write(lambda conn: conn.executemany(Q["trash_done"], params))
+
+    async def trash_retry(self, keys: Sequence[str], delay_s: float) -> None:
+        at = self._clock() + delay_s
+        params = [{"key": key, "next_attempt_at": at} for key in keys]
+        await self._write(lambda conn: conn.executemany(Q["trash_retry"], params))
+
+    # --- webhook deliveries ------------------------------------------------------------
+
+    async def claim_webhook_deliveries(
+        self, worker_id: str, limit: int, lease_s: float
+    ) -> list[WebhookDelivery]:
+        now = self._clock()
+        params = {"now": now, "worker_id": worker_id, "lease_until": now + lease_s, "limit": limit}
+
+        def unit(conn: sqlite3.Connection) -> list[WebhookDelivery]:
+            rows = conn.execute(Q["claim_webhook_deliveries"], params).fetchall()
+            deliveries = [row_to_delivery(row) for row in rows]
+            return sorted(deliveries, key=lambda d: (d.created_at, d.id))
+
+        return await self._write(unit)
+
+    async def next_webhook_attempt_at(self) -> float | None:
+        row = await self._read_one("next_webhook_attempt_at")
+        return None if row is None else float(row[0])
+
+    async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
+        rows = await self._read_all("webhook_deliveries_of", {"job_id": job_id})
+        return [row_to_delivery(row) for row in rows]
+
+    async def set_webhook_payload(self, delivery_id: str, payload: str) -> str | None:
+        def unit(conn: sqlite3.Connection) -> str | None:
+            params = {"id": delivery_id, "payload": payload}
+            row = conn.execute(Q["set_webhook_payload"], params).fetchone()
+            return None if row is None else str(row["payload"])
+
+        return await self._write(unit)
+
+    async def record_webhook_attempt(
+        self,
+        delivery_id: str,
+        status: DeliveryStatus,
+        *,
+        attempted: bool,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        status_code: int | None = None,
+    ) -> WebhookDelivery | None:
+        params = {
+            "id": delivery_id,
+            "status": status,
+            "attempted": int(attempted),
+            "next_attempt_at": next_attempt_at,
+            "error": error,
+            "status_code": status_code,
+            "now": self._clock(),
+        }
+
+        def unit(conn: sqlite3.Connection) -> WebhookDelivery | None:
+            row = conn.execute(Q["record_webhook_attempt"], params).fetchone()
+            return row_to_delivery(row) if row else None
+
+        return await self._write(unit)
+
+    async def count_webhook_deliveries(self) -> dict[str, int]:
+        counts = dict.fromkeys(("pending", "delivered", "failed"), 0)
+        for row in await self._read_all("count_webhook_deliveries"):
+            counts[str(row["status"])] = int(row["n"])
+        return counts
+
+
+def _check_limits(conn: sqlite3.Connection, client: str, limits: Limits) -> None:
+    """Raise if a new job would exceed ``limits``; kept counts, inside the insert's unit."""
+    queued = conn.execute(Q["queued_count"]).fetchone()
+    if queued is not None and queued["n"] >= limits.max_queued:
+        raise exceptions.Overloaded(
+            "Too many jobs are waiting; try again later", limits.queued_retry_after_s
+        )
+    active = conn.execute(Q["client_active_count"], {"client": client}).fetchone()
+    if active is not None and active["n"] >= limits.max_active_per_client:
+        raise exceptions.TooManyActiveJobs(
+            f"At most {limits.max_active_per_client} unfinished jobs per caller",
+            limits.active_retry_after_s,
+        )

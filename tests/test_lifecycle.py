@@ -1,0 +1,359 @@
+"""A job lifecycle that cannot wedge, stall or leak, through real apps on real SQLite.
+
+Each test here is one of the defects of the lifecycle issue: a final write that failed
+once, a cancel landing as the bundle is renamed into place, a sweep that fell behind,
+an artifact deleted before its row said so, costs that grew with the table, a cancel
+made by another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import AppFactory, finished, wait_for
+from store_contract import new_job
+
+from longdl.engine import Artifact, JobContext
+from longdl.models import JobStatus, Progress
+from longdl.store import Limits, SQLiteStore, WorkerInfo
+from longdl.web import keys
+
+
+class HeldLock:
+    """Another connection holding a database's write lock while the test says so."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held = threading.Event()
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=self._hold)
+
+    def _hold(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        self._held.set()
+        self._release.wait(60)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    def __enter__(self) -> HeldLock:
+        self._thread.start()
+        self._held.wait(10)
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Writer:
+    """A job kind that writes its artifact, then waits for the test to let it return."""
+
+    def __init__(self) -> None:
+        self.written = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def handler(self, ctx: JobContext) -> Artifact:
+        info = await ctx.storage.write_bytes(f"bundles/{ctx.job_id}.txt", b"done")
+        self.written.set()
+        await self.go.wait()
+        return Artifact(key=info.key, filename="done.txt", size_bytes=info.size_bytes)
+
+
+async def submit(client: Any, kind: str) -> str:
+    return str((await client.app[keys.ENGINE].submit(kind, {})).job.id)
+
+
+async def status_of(client: Any, job_id: str) -> str:
+    return str((await (await client.get(f"/v1/download/status/{job_id}")).json())["status"])
+
+
+async def test_a_final_write_that_fails_is_retried_until_it_lands(
+    make_client: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The completion write fails while another process holds the database: the job
+    shows completed from memory meanwhile and is stored completed once the lock goes,
+    instead of staying running forever."""
+    caplog.set_level(logging.WARNING, logger="longdl.engine")
+    writer = Writer()
+    client = await make_client(handlers={"w": writer.handler}, db_busy_timeout_ms=100)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(writer.written.wait(), 10)
+    store = client.app[keys.STORE]
+
+    with HeldLock(client.app[keys.SETTINGS].database_path):
+        writer.go.set()
+
+        async def write_failed() -> bool:
+            return any("job.final_write_failed" in r.getMessage() for r in caplog.records)
+
+        await wait_for(write_failed)
+        assert "completed" == await status_of(client, job_id)
+        stored = await store.get_job(job_id)
+        assert stored is not None
+        assert JobStatus.RUNNING == stored.status
+
+    async def landed() -> bool:
+        job = await store.get_job(job_id)
+        return job is not None and job.status is JobStatus.COMPLETED
+
+    await wait_for(landed)
+    assert "completed" == (await finished(client, job_id))["status"]
+
+
+class LateCancel:
+    """A job kind whose last chunk asks for its own cancel, so the cancel lands while the
+    bundle is being renamed into place."""
+
+    def __init__(self) -> None:
+        self.key = ""
+
+    async def handler(self, ctx: JobContext) -> Artifact:
+        engine_cancel = ctx._engine.cancel  # the same call the cancel route makes
+        self.key = f"bundles/{ctx.job_id}.zip"
+        loop = asyncio.get_running_loop()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"x" * 1024
+            loop.call_soon(lambda: asyncio.ensure_future(engine_cancel(ctx.job_id)))
+
+        info = await ctx.storage.write(self.key, chunks())
+        return Artifact(key=info.key, filename="b.zip", size_bytes=info.size_bytes)
+
+
+async def test_a_cancel_during_the_rename_leaves_no_bundle(make_client: AppFactory) -> None:
+    """A cancel that lands as the finished bundle is renamed into place leaves no bundle
+    behind and no part file."""
+    late = LateCancel()
+    client = await make_client(handlers={"late": late.handler})
+    job_id = await submit(client, "late")
+    body = await finished(client, job_id)
+    bundles = client.app[keys.SETTINGS].storage_dir / "bundles"
+    assert "canceled" == body["status"]
+    assert [] == sorted(p.name for p in bundles.iterdir())
+
+
+def seed_finished_jobs(db: Path, storage: Path, count: int, expired_ago_s: float) -> list[str]:
+    """Write ``count`` completed jobs with bundles, already past their TTL."""
+    now = time.time()
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    (storage / "bundles").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for job_id in ids:
+        key = f"bundles/{job_id}.zip"
+        (storage / key).write_bytes(b"PK")
+        result = {"key": key, "filename": "b.zip", "size_bytes": 2, "owned": True}
+        rows.append((job_id, json.dumps(result), now - 100, now - expired_ago_s))
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, "
+            "progress, result, created_at, updated_at, finished_at, expires_at, client) "
+            "VALUES (?, 'download', 'completed', 1, '{}', 1, 3, '{}', ?, ?, ?, ?, ?, 'c')",
+            [(i, r, c, c, c, e) for i, r, c, e in rows],
+        )
+    return ids
+
+
+async def test_one_sweep_expires_every_job_due(make_client: AppFactory) -> None:
+    """5,000 jobs due at once are all expired, their bundles deleted, by one sweep
+    (a sweep that stops at a fixed batch falls behind as completions pile up)."""
+    client = await make_client()
+    settings = client.app[keys.SETTINGS]
+    ids = seed_finished_jobs(settings.database_path, settings.storage_dir, 5000, 10)
+
+    expired = await client.app[keys.ENGINE].sweep()
+
+    counts = await client.app[keys.STORE].count_by_status()
+    assert (5000, 5000, 0) == (expired, counts[JobStatus.EXPIRED], counts[JobStatus.COMPLETED])
+    assert [] == list((settings.storage_dir / "bundles").iterdir())
+    assert 410 == (await client.get(f"/v1/download/{ids[0]}")).status
+
+
+async def test_a_job_is_expired_before_its_bundle_is_deleted(make_client: AppFactory) -> None:
+    """Between expiry and deletion the result route already answers 410, never a 302 to
+    an object that is about to disappear."""
+    client = await make_client()
+    settings = client.app[keys.SETTINGS]
+    (job_id,) = seed_finished_jobs(settings.database_path, settings.storage_dir, 1, 10)
+    bundle = settings.storage_dir / "bundles" / f"{job_id}.zip"
+
+    await client.app[keys.STORE].expire_due(limit=10)
+    assert (410, True) == ((await client.get(f"/v1/download/{job_id}")).status, bundle.exists())
+    await client.app[keys.ENGINE].empty_trash()
+    assert not bundle.exists()
+
+
+async def test_db_synchronous_full_reaches_the_database(make_client: AppFactory) -> None:
+    """DB_SYNCHRONOUS=full makes the app's writes fsync every commit."""
+    client = await make_client(db_synchronous="full")
+    assert 2 == await client.app[keys.STORE].writer_pragma("synchronous")
+
+
+class Steps:
+    """Counts SQLite virtual machine steps on a connection: work, not time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def install(self, conn: sqlite3.Connection) -> None:
+        def tick() -> int:
+            self.count += 1
+            return 0
+
+        conn.set_progress_handler(tick, 10)
+
+
+def seed_queued(db: Path, count: int) -> None:
+    now = time.time()
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO jobs (id, kind, status, priority, payload, max_attempts, progress, "
+            "created_at, updated_at, run_after, client) "
+            "VALUES (?, 'download', 'queued', 1, '{}', 3, '{}', ?, ?, ?, 'c')",
+            [(str(uuid.uuid4()), now, now, now) for _ in range(count)],
+        )
+
+
+async def test_initiate_costs_the_same_with_20000_jobs_waiting(tmp_path: Path) -> None:
+    """An insert with its limit checks does as much database work with 20,000 jobs
+    waiting (from the same caller) as with none: the counts are kept, not counted."""
+    steps = Steps()
+    store = SQLiteStore(tmp_path / "longdl.sqlite3", on_connect=steps.install)
+    await store.open()
+    limits = Limits(max_queued=1_000_000, max_active_per_client=1_000_000)
+    try:
+
+        async def cost() -> float:
+            before = steps.count
+            for _ in range(20):
+                await store.insert_job(new_job(client="c"), limits=limits)
+            return (steps.count - before) / 20
+
+        empty = await cost()
+        seed_queued(store.path, 20_000)
+        full = await cost()
+    finally:
+        await store.close()
+    assert full <= empty * 1.2, (empty, full)
+
+
+async def test_every_statement_the_writer_runs_uses_an_index(tmp_path: Path) -> None:
+    """Whatever the writer runs through a job's whole life (insert with limits and a key,
+    claim, heartbeat, output, completion, expiry, purge, trash, webhooks), none of it
+    scans a whole table: EXPLAIN QUERY PLAN of each traced statement."""
+    traced: list[str] = []
+    store = SQLiteStore(
+        tmp_path / "longdl.sqlite3",
+        on_connect=lambda conn: conn.set_trace_callback(traced.append),
+    )
+    await store.open()
+    traced.clear()  # the migrations ran once; what follows runs all the time
+    try:
+        limits = Limits(max_queued=100, max_active_per_client=100)
+        hook = new_job(callback_url="https://h.example/")
+        job_id = (await store.insert_job(hook, idempotency_key="k", limits=limits)).job.id
+        await store.register_worker(WorkerInfo("w", "host", 1))
+        await store.claim("w", 30, 4)
+        await store.heartbeat("w", 30, {job_id: Progress(percent=5)})
+        await store.add_output(job_id, "w", "bundles/x.zip")
+        await store.set_status(job_id, "w", JobStatus.PROCESSING_ARTIFACTS, Progress())
+        await store.complete(job_id, "w", {"key": "bundles/x.zip", "owned": True}, Progress(), 0)
+        (delivery,) = await store.claim_webhook_deliveries("w", 4, 30)
+        await store.set_webhook_payload(delivery.id, "{}")
+        await store.record_webhook_attempt(delivery.id, "delivered", attempted=True)
+        await store.rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="w")
+        await store.expire_due(10)
+        await store.trash_done([item.key for item in await store.claim_trash(10, 60)])
+        await store.purge(0, 10)
+        await store.unregister_worker("w")
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "longdl.sqlite3")
+    statements = {
+        s
+        for s in traced
+        if s.lstrip().upper().startswith(("SELECT", "UPDATE", "INSERT", "DELETE"))
+        and "FROM workers" not in s  # one row per process
+        and "FROM job_counts" not in s  # one row per status
+    }
+    scans = [
+        (statement, detail)
+        for statement in statements
+        for *_, detail in conn.execute(f"EXPLAIN QUERY PLAN {statement}")
+        if detail.startswith("SCAN ") and " USING " not in detail and "VIRTUAL TABLE" not in detail
+    ]
+    assert [] == scans
+    assert len(statements) > 15
+
+
+async def test_a_cancel_made_by_another_process_stops_the_job(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    """A job canceled through another process's store is stopped here at the next
+    heartbeat, as a cancel (its handler cleans up for good)."""
+    reasons: list[str | None] = []
+    started = asyncio.Event()
+
+    async def handler(ctx: JobContext) -> Artifact:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            reasons.append(ctx.stop_reason)
+            raise
+        raise AssertionError("unreachable")
+
+    client = await make_client(handlers={"h": handler}, progress_flush_ms=50)
+    job_id = await submit(client, "h")
+    await asyncio.wait_for(started.wait(), 10)
+    other = SQLiteStore(client.app[keys.SETTINGS].database_path)
+    await other.open()
+    try:
+        await other.cancel(job_id, ttl_s=60, message="Canceled")
+    finally:
+        await other.close()
+
+    async def stopped() -> bool:
+        return bool(reasons)
+
+    await wait_for(stopped)
+    assert ["cancel"] == reasons
+    assert "canceled" == (await finished(client, job_id))["status"]
+    assert 0 == client.app[keys.ENGINE].running_count
+
+
+async def test_stop_gives_back_a_job_claimed_but_never_started(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    """A claim that commits while the dispatcher is being cancelled at shutdown leaves a
+    job leased to this worker that never started here: the stop gives it back, so the
+    next start runs it at once instead of after LEASE_S."""
+    data_dir = tmp_path / "data"
+    client = await make_client(data_dir=data_dir, worker_concurrency=0)
+    engine = client.app[keys.ENGINE]
+    store = client.app[keys.STORE]
+    job_id = (await store.insert_job(new_job())).job.id
+    await store.claim(engine.worker_id, 3600, 1)  # the claim whose answer was lost
+    await client.close()
+
+    reopened = SQLiteStore(data_dir / "longdl.sqlite3")
+    await reopened.open()
+    try:
+        job = await reopened.get_job(job_id)
+    finally:
+        await reopened.close()
+    assert job is not None
+    assert (JobStatus.QUEUED, 0, None) == (job.status, job.attempts, job.worker_id)

@@ -1,0 +1,124 @@
+"""Replicas on one PostgreSQL, in one process: each app is a replica with its own engine,
+worker id and listener, sharing the database and a storage folder."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import AppFactory, finished, initiate, wait_for
+
+from longdl.engine import Artifact, JobContext
+from longdl.storage import LocalStorage
+from longdl.web import keys
+
+SECRET = "s" * 32
+
+
+class Gate:
+    """A job kind that waits for the test, on whichever replica claims it."""
+
+    def __init__(self) -> None:
+        self.started: asyncio.Queue[str] = asyncio.Queue()
+        self.release = asyncio.Event()
+        self.stopped: list[str | None] = []
+
+    async def handler(self, ctx: JobContext) -> Artifact:
+        self.started.put_nowait(ctx.job_id)
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.stopped.append(ctx.stop_reason)
+            raise
+        info = await ctx.storage.write_bytes(f"bundles/{ctx.job_id}.txt", b"done")
+        return Artifact(key=info.key, filename="done.txt", size_bytes=info.size_bytes)
+
+
+async def replica(
+    make_client: AppFactory, database_url: str, tmp_path: Path, name: str, **overrides: Any
+) -> TestClient[Any, Any]:
+    storage = LocalStorage(tmp_path / "shared", SECRET.encode())
+    return await make_client(
+        database_url=database_url,
+        signing_secret=SECRET,
+        webhook_secret=SECRET,
+        data_dir=tmp_path / name,
+        storage=storage,
+        **overrides,
+    )
+
+
+async def test_a_job_runs_on_postgres_end_to_end(
+    make_client: AppFactory, database_url: str, tmp_path: Path
+) -> None:
+    """initiate, poll, result: the same contract on PostgreSQL."""
+    client = await replica(make_client, database_url, tmp_path, "a")
+    job_id = await initiate(client, [70000, 70007])
+    body = await finished(client, job_id)
+    assert "completed" == body["status"]
+    response = await client.get(f"/v1/download/{job_id}", allow_redirects=False)
+    assert 302 == response.status
+
+
+async def test_a_long_poll_on_one_replica_hears_a_change_on_another(
+    make_client: AppFactory, database_url: str, tmp_path: Path
+) -> None:
+    """A long-poll waiting on replica B answers as soon as replica A changes the job."""
+    gate = Gate()
+    a = await replica(make_client, database_url, tmp_path, "a", handlers={"g": gate.handler})
+    # B only answers requests: A runs every job.
+    b = await replica(make_client, database_url, tmp_path, "b", worker_concurrency=0)
+    job_id = (await a.app[keys.ENGINE].submit("g", {})).job.id
+    await asyncio.wait_for(gate.started.get(), 10)
+    first = await b.get(f"/v1/download/status/{job_id}")
+    tag = first.headers["ETag"]
+    poll = asyncio.ensure_future(
+        b.get(f"/v1/download/status/{job_id}?wait=20", headers={"If-None-Match": tag})
+    )
+
+    async def waiting() -> bool:
+        return b.app[keys.ENGINE].hub.is_watched(job_id)
+
+    await wait_for(waiting)
+    released = time.monotonic()
+    gate.release.set()
+    response = await asyncio.wait_for(poll, 10)
+    assert 200 == response.status
+    assert (await response.json())["status"] in ("completed",)
+    assert time.monotonic() - released < 2
+
+
+async def test_a_cancel_on_one_replica_stops_the_job_on_another(
+    make_client: AppFactory, database_url: str, tmp_path: Path
+) -> None:
+    """Canceling through replica B a job running on replica A stops it on A within a
+    second, as a cancel."""
+    gate = Gate()
+    a = await replica(make_client, database_url, tmp_path, "a", handlers={"g": gate.handler})
+    b = await replica(make_client, database_url, tmp_path, "b", worker_concurrency=0)
+    job_id = (await a.app[keys.ENGINE].submit("g", {})).job.id
+    await asyncio.wait_for(gate.started.get(), 10)
+    canceled_at = time.monotonic()
+    response = await b.post(f"/v1/download/cancel/{job_id}")
+    assert 200 == response.status
+
+    async def stopped() -> bool:
+        return bool(gate.stopped)
+
+    await wait_for(stopped, 5, interval_s=0.01)
+    assert time.monotonic() - canceled_at < 1
+    assert ["cancel"] == gate.stopped
+    assert "canceled" == (await finished(a, job_id))["status"]
+
+
+async def test_replicas_need_shared_secrets(
+    make_client: AppFactory, database_url: str, tmp_path: Path
+) -> None:
+    """With DATABASE_URL and no SIGNING_SECRET (and no key in DATA_DIR), a replica
+    refuses to start, saying why."""
+    with pytest.raises(ValueError, match="SIGNING_SECRET"):
+        await make_client(database_url=database_url, data_dir=tmp_path / "x")

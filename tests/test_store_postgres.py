@@ -1,0 +1,113 @@
+"""The PostgreSQL store: the store contract on a real PostgreSQL, plus what only it has
+(notifications, replicas sharing one database)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from store_contract import StoreContract, new_job
+
+from longdl.models import JobStatus
+from longdl.store import Limits, Store, WorkerInfo
+from longdl.store.postgres import PostgresStore
+
+
+class TestPostgresStore(StoreContract):
+    """Every behaviour of the store contract, on a real PostgreSQL."""
+
+    @pytest.fixture
+    async def make_store(
+        self, database_url: str
+    ) -> AsyncIterator[Callable[[Callable[[], float]], object]]:
+        opened: list[PostgresStore] = []
+
+        async def make(clock: Callable[[], float]) -> Store:
+            store = PostgresStore(database_url, clock=clock, worker_id="me")
+            await store.open()
+            opened.append(store)
+            return store
+
+        yield make
+        for store in opened:
+            await store.close()
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[list[PostgresStore]]:
+    """Three stores on one database, as three replicas would have."""
+    stores = [PostgresStore(database_url, worker_id=f"r{i}") for i in range(3)]
+    await asyncio.gather(*(store.open() for store in stores))
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_replicas_starting_together_migrate_once(replicas: list[PostgresStore]) -> None:
+    """Three stores opened at once on an empty database end on the same schema."""
+    assert [1, 1, 1] == [await store.schema_version() for store in replicas]
+
+
+async def test_claims_across_replicas_never_share_a_job(replicas: list[PostgresStore]) -> None:
+    """Replicas claiming at once take each job exactly once (SKIP LOCKED)."""
+    for _ in range(60):
+        await replicas[0].insert_job(new_job())
+    claimed = await asyncio.gather(
+        *(store.claim(f"r{i}", 30, 7) for i, store in enumerate(replicas) for _ in range(5))
+    )
+    ids = [job.id for batch in claimed for job in batch]
+    assert 60 == len(ids) == len(set(ids))
+
+
+async def test_idempotent_inserts_across_replicas_make_one_job(
+    replicas: list[PostgresStore],
+) -> None:
+    """A hundred identical inserts spread over three replicas make one job."""
+    results = await asyncio.gather(
+        *(
+            replicas[i % 3].insert_job(new_job(), idempotency_key="k", request_hash="h")
+            for i in range(100)
+        )
+    )
+    assert 1 == len({r.job.id for r in results})
+    assert 1 == sum(not r.replayed for r in results)
+
+
+async def test_limits_hold_across_replicas(replicas: list[PostgresStore]) -> None:
+    """Inserts racing on three replicas never pass the per-caller limit."""
+    limits = Limits(max_queued=1000, max_active_per_client=10)
+    outcomes = await asyncio.gather(
+        *(replicas[i % 3].insert_job(new_job(client="c"), limits=limits) for i in range(30)),
+        return_exceptions=True,
+    )
+    assert 10 == sum(not isinstance(o, BaseException) for o in outcomes)
+    assert 10 == (await replicas[0].count_by_status())[JobStatus.QUEUED]
+
+
+async def test_a_change_on_one_replica_is_heard_by_the_others(
+    replicas: list[PostgresStore],
+) -> None:
+    """A status change committed by one replica reaches the others' listeners."""
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    replicas[2].add_change_listener(lambda job_id, status: heard.put_nowait((job_id, status)))
+    job_id = (await replicas[0].insert_job(new_job())).job.id
+    await replicas[1].cancel(job_id, ttl_s=60, message="Canceled")
+    seen = [await asyncio.wait_for(heard.get(), 5) for _ in range(2)]
+    assert [(job_id, "queued"), (job_id, "canceled")] == seen
+
+
+async def test_a_replica_whose_connections_are_gone_is_dead(
+    replicas: list[PostgresStore],
+) -> None:
+    """A registered worker with no connection left (its process died) is not live, and
+    its jobs come back at the next rescue, before their leases run out."""
+    gone = replicas[1]
+    await gone.register_worker(WorkerInfo("r1", "host", 1))
+    await replicas[0].register_worker(WorkerInfo("r0", "host", 1))
+    job_id = (await gone.insert_job(new_job())).job.id
+    await gone.claim("r1", 3600, 1)
+    await gone.close()  # the replica's connections end, as when its process dies
+    assert "r1" not in await replicas[0].live_workers()
+    rescued = await replicas[0].rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="r0")
+    assert [job_id] == [job.id for job in rescued.requeued]
