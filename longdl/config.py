@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     #: original service's S3_ENDPOINT, S3_BUCKET_NAME, S3_ACCESS_KEY_ID or
     #: S3_SECRET_ACCESS_KEY is set, else local. Set, it wins.
     storage_backend: Literal["local", "s3"] = "local"
+    #: Folder of the local storage backend (DATA_DIR/storage when unset); replicas share
+    #: local storage by mounting one folder here on each.
+    local_storage_dir: Path | None = None
     #: HMAC secret for local signed URLs; generated once into DATA_DIR when unset.
     signing_secret: str | None = None
     #: Lifetime of a signed download URL.
@@ -228,6 +231,10 @@ class Settings(BaseSettings):
     rate_limit_max_requests: int = Field(default=100, ge=1)
     #: Requests per window per caller on polling routes.
     rate_limit_poll_max_requests: int = Field(default=1200, ge=1)
+    #: Shared rate-limit counters (a ``limits`` storage URI such as
+    #: ``async+redis://redis:6379``, with ``pip install 'longdl[redis]'``); unset: each
+    #: replica counts in its own memory.
+    rate_limit_storage_uri: str | None = None
     #: Proxies whose X-Forwarded-For is trusted.
     trusted_proxies: CsvList = Field(default_factory=list)
     #: Allowed CORS origins ("*" for any).
@@ -340,7 +347,7 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         """Root folder of the local storage backend."""
-        return self.data_dir / "storage"
+        return self.local_storage_dir or self.data_dir / "storage"
 
     @property
     def retry_base_s(self) -> float:

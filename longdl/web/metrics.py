@@ -6,7 +6,10 @@
 - ``longdl_job_queue_wait_seconds{kind}``: creation to first start;
 - ``longdl_http_request_duration_seconds{method,route,status}``: by route template, so
   ids in URLs cannot blow up the label count;
-- ``longdl_webhook_deliveries_total{outcome}``: from the webhook worker, when present.
+- ``longdl_webhook_deliveries_total{outcome}``: from the webhook worker, when present;
+- ``longdl_replica_info{replica,store}``: which replica answers (also the
+  ``Longdl-Replica`` header of every response); ``longdl_db_pool_connections{state}``:
+  the PostgreSQL pool (size, idle, max).
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ class Metrics:
             "Time from a job's creation to its first start",
             ["kind"],
             buckets=JOB_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.replica = Gauge(
+            "longdl_replica_info",
+            "The replica (worker id) these metrics come from, and its store",
+            ["replica", "store"],
+            registry=self.registry,
+        )
+        self.db_pool = Gauge(
+            "longdl_db_pool_connections",
+            "PostgreSQL pool connections of this replica: open, idle, most allowed",
+            ["state"],
             registry=self.registry,
         )
         self.http_duration = Histogram(
@@ -140,6 +155,12 @@ async def metrics(request: web.Request) -> web.Response:
         app_metrics.jobs.labels(status.value).set(count)
     app_metrics.queue_depth.set(counts[JobStatus.QUEUED])
     app_metrics.running.set(request.app[keys.ENGINE].running_count)
+    store = request.app[keys.STORE]
+    app_metrics.replica.labels(request.app[keys.WORKER_ID], store.name).set(1)
+    pool_stats = getattr(store, "pool_stats", None)
+    if pool_stats is not None:
+        for state, count in pool_stats().items():
+            app_metrics.db_pool.labels(state).set(count)
     return web.Response(
         body=generate_latest(app_metrics.registry),
         headers={"Content-Type": PROMETHEUS_TEXT, "Cache-Control": "no-store"},

@@ -20,6 +20,7 @@ import asyncio
 import functools
 import hmac
 import ipaddress
+import logging
 import math
 import time
 import uuid
@@ -27,6 +28,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from dataclasses import dataclass
 
 import limits
+import limits.aio.storage
+import limits.errors
+import limits.storage
 from aiohttp import hdrs, web
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter
@@ -37,6 +41,8 @@ from longdl.web import keys
 from longdl.web.problems import REQUEST_ID_HEADER, HTTPProblem, problem_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger("longdl.web")
 
 #: Headers a proxy or tunnel adds; their presence means the caller is not local.
 FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "CF-Connecting-IP")
@@ -53,6 +59,9 @@ POLL_ROUTES = frozenset(
 
 #: Routes that stream for as long as they need: no request deadline applies.
 STREAM_ROUTES = frozenset({"/v1/download/{job_id}/events", "/files/{key}"})
+
+#: The response header naming the replica (worker id) that answered.
+REPLICA_HEADER = "Longdl-Replica"
 
 #: Response headers a browser script may read across origins.
 EXPOSED_HEADERS = (
@@ -167,10 +176,31 @@ class RateWindow:
         }
 
 
+def shared_storage(uri: str) -> limits.aio.storage.Storage:
+    """The ``limits`` async storage a URI names (``redis://`` is taken as
+    ``async+redis://``).
+
+    Raises:
+        ValueError: the URI names no async storage, or its client library is missing.
+    """
+    if not uri.startswith("async+"):
+        uri = f"async+{uri}"
+    try:
+        storage = limits.storage.storage_from_string(uri)
+    except limits.errors.ConfigurationError as exc:
+        raise ValueError(f"RATE_LIMIT_STORAGE_URI: {exc}") from exc
+    if not isinstance(storage, limits.aio.storage.Storage):
+        raise ValueError(f"RATE_LIMIT_STORAGE_URI {uri!r} names no asyncio storage")
+    return storage
+
+
 class RateLimiter:
     """Fixed windows per caller and budget, as the original service's limiter had.
 
-    The ``limits`` library keeps the counters (in memory: one process serves everything).
+    The ``limits`` library keeps the counters: in this process's memory (each replica
+    counts its own), or in the storage ``RATE_LIMIT_STORAGE_URI`` names (a Redis shared by
+    every replica, say), so a caller's budget is one across replicas. When that storage
+    cannot answer, requests go through (logged): a rate limiter must not take the API down.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -183,18 +213,29 @@ class RateLimiter:
                 settings.rate_limit_poll_max_requests, self.window_s, namespace="poll"
             ),
         }
-        self._limiter = FixedWindowRateLimiter(MemoryStorage())
+        uri = settings.rate_limit_storage_uri
+        self.shared = uri is not None
+        self._limiter = FixedWindowRateLimiter(shared_storage(uri) if uri else MemoryStorage())
 
     async def hit(self, budget: str, caller: str, now: float) -> tuple[bool, RateWindow]:
         """Count one request; returns whether it is allowed and the window after it."""
-        allowed = await self._limiter.hit(self._items[budget], caller)
+        item = self._items[budget]
+        try:
+            allowed = await self._limiter.hit(item, caller)
+        except Exception as exc:
+            log.warning("ratelimit.storage_failed error=%r", exc)
+            return True, RateWindow(item.amount, item.amount, self.window_s, self.window_s)
         return allowed, await self.peek(budget, caller, now)
 
     async def peek(self, budget: str, caller: str, now: float) -> RateWindow:
         """The caller's window without counting a request (for answers given before the
         limiter ran: preflights, 401s)."""
         item = self._items[budget]
-        stats = await self._limiter.get_window_stats(item, caller)
+        try:
+            stats = await self._limiter.get_window_stats(item, caller)
+        except Exception as exc:
+            log.warning("ratelimit.storage_failed error=%r", exc)
+            return RateWindow(item.amount, item.amount, self.window_s, self.window_s)
         return RateWindow(
             limit=item.amount,
             remaining=stats.remaining,
@@ -403,6 +444,10 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
         )
     if window is not None:
         headers.update(window.headers())
+    worker_id = request.app.get(keys.WORKER_ID)
+    if worker_id:
+        # Which replica answered: behind a load balancer, any of them may.
+        headers[REPLICA_HEADER] = worker_id
     origin = request.headers.get(hdrs.ORIGIN)
     if origin and POLICY in request.app:
         allowed = request.app[POLICY].allowed_origin(origin)

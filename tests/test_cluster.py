@@ -1,0 +1,305 @@
+"""Three replicas on one PostgreSQL behind real nginx (round-robin: any request may land
+on any replica), sharing storage: a folder, or S3 (SeaweedFS). ``examples/cluster``
+starts them, so the example a user runs is the one tested."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import require_tool, wait_for
+from s3server import SeaweedServer, unique_bucket
+from test_examples import load_example
+
+pytestmark = pytest.mark.slow
+
+cluster_example = load_example("cluster/cluster.py")
+
+BASE_ENV = {
+    "RATE_LIMIT_MAX_REQUESTS": "1000000",
+    "RATE_LIMIT_POLL_MAX_REQUESTS": "1000000",
+    "MAX_ACTIVE_PER_USER": "10000",
+    "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    "WEBHOOK_RETRY_BASE_MS": "100",
+    "WEBHOOK_RETRY_MAX_MS": "500",
+    "PROGRESS_FLUSH_MS": "200",
+    "SHUTDOWN_GRACE_S": "0",
+}
+
+
+class Receiver:
+    """A webhook receiver recording each delivery's webhook-id and job."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        self.deliveries.append((request.headers["webhook-id"], body["data"]["jobId"]))
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    recorder = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", recorder.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield recorder, str(server.make_url("/hook"))
+    finally:
+        await server.close()
+
+
+def start_cluster(root: Path, env: dict[str, str]) -> Any:
+    if _nginx_missing():
+        require_tool("nginx")  # fails in CI, skips elsewhere
+    cluster = cluster_example.Cluster(root, replicas=3, env={**BASE_ENV, **env})
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _nginx_missing() -> bool:
+    try:
+        cluster_example.nginx_binary()
+    except SystemExit:
+        return True
+    return False
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Any]:
+    started: list[Any] = []
+
+    def make(**env: str) -> Any:
+        cluster = start_cluster(tmp_path / f"cluster-{len(started)}", env)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()
+
+
+async def initiate(session: aiohttp.ClientSession, cluster: Any, **body: Any) -> dict[str, Any]:
+    body.setdefault("file_ids", [70000, 70007])
+    async with session.post(f"{cluster.url}/v1/download/initiate", json=body) as response:
+        assert 202 == response.status, await response.text()
+        return dict(await response.json())
+
+
+async def status(session: aiohttp.ClientSession, cluster: Any, job_id: str) -> dict[str, Any]:
+    async with session.get(f"{cluster.url}/v1/download/status/{job_id}") as response:
+        assert 200 == response.status, await response.text()
+        return dict(await response.json())
+
+
+async def wait_all_finished(
+    session: aiohttp.ClientSession, cluster: Any, job_ids: list[str], timeout_s: float = 90
+) -> dict[str, dict[str, Any]]:
+    done: dict[str, dict[str, Any]] = {}
+
+    async def probe() -> bool:
+        pending = [job_id for job_id in job_ids if job_id not in done]
+        bodies = await asyncio.gather(*(status(session, cluster, j) for j in pending))
+        for job_id, body in zip(pending, bodies, strict=True):
+            if body["status"] in ("completed", "failed", "canceled"):
+                done[job_id] = body
+        return len(done) == len(job_ids)
+
+    await wait_for(probe, timeout_s, interval_s=0.2)
+    return done
+
+
+def completions(cluster: Any) -> Counter[str]:
+    logs = "".join(cluster.log_path(i).read_text() for i in range(3))
+    return Counter(re.findall(r"job\.completed job_id=(\S+)", logs))
+
+
+async def many_jobs_complete_once(
+    cluster: Any, receiver: tuple[Receiver, str], list_bundles: Any
+) -> None:
+    recorder, hook_url = receiver
+    async with aiohttp.ClientSession() as session:
+        accepted = await asyncio.gather(
+            *(initiate(session, cluster, callbackUrl=hook_url) for _ in range(300))
+        )
+        job_ids = [body["jobId"] for body in accepted]
+        done = await wait_all_finished(session, cluster, job_ids)
+
+    async def delivered() -> bool:
+        return {job for _, job in recorder.deliveries} >= set(job_ids)
+
+    await wait_for(delivered, 60, interval_s=0.1)
+    ids_per_job: dict[str, set[str]] = defaultdict(set)
+    for webhook_id, job_id in recorder.deliveries:
+        ids_per_job[job_id].add(webhook_id)
+
+    assert {"completed": 300} == dict(Counter(body["status"] for body in done.values()))
+    assert {job_id: 1 for job_id in job_ids} == dict(completions(cluster))
+    assert sorted(f"{job_id}.zip" for job_id in job_ids) == sorted(await list_bundles())
+    assert {1} == {len(ids) for ids in ids_per_job.values()}
+    assert set(job_ids) == set(ids_per_job)
+
+
+async def test_300_jobs_on_three_replicas_sharing_a_folder_complete_once(
+    make_cluster: Any, receiver: tuple[Receiver, str]
+) -> None:
+    """300 jobs initiated and polled through nginx all complete, each once, one bundle
+    each in the shared folder, one webhook-id each."""
+    cluster = make_cluster()
+
+    async def bundles() -> list[str]:
+        return [path.name for path in (cluster.storage_dir / "bundles").iterdir()]
+
+    await many_jobs_complete_once(cluster, receiver, bundles)
+
+
+async def test_300_jobs_on_three_replicas_sharing_s3_complete_once(
+    make_cluster: Any, receiver: tuple[Receiver, str], seaweed: SeaweedServer
+) -> None:
+    """The same with the replicas sharing an S3 bucket."""
+    bucket = unique_bucket()
+    env = {key.upper(): str(value) for key, value in seaweed.settings(bucket).items()}
+    cluster = make_cluster(**env)
+    storage = seaweed.storage(bucket)
+    await storage.open()
+    try:
+
+        async def bundles() -> list[str]:
+            listed = await storage.client.list_objects_v2(Bucket=bucket, Prefix="bundles/")
+            return [item["Key"].removeprefix("bundles/") for item in listed.get("Contents", [])]
+
+        await many_jobs_complete_once(cluster, receiver, bundles)
+    finally:
+        await storage.close()
+
+
+async def test_long_polls_and_event_streams_hear_other_replicas_within_100_ms(
+    make_cluster: Any,
+) -> None:
+    """A change made through one replica (a cancel) reaches a long-poll and an event
+    stream held on another replica, through nginx, within 100 ms (median of 20 each).
+    The replicas run no jobs here, so nothing else changes the jobs meanwhile."""
+    cluster = make_cluster(WORKER_CONCURRENCY="0")
+    poll_s: list[float] = []
+    stream_s: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        while len(poll_s) < 20:
+            job = await initiate(session, cluster)
+            url = f"{cluster.url}/v1/download/status/{job['jobId']}"
+            async with session.get(url) as first:
+                tag = first.headers["ETag"]
+            poll = asyncio.ensure_future(
+                session.get(f"{url}?wait=20", headers={"If-None-Match": tag})
+            )
+            await asyncio.sleep(0.3)  # the poll reaches its replica and waits there
+            assert not poll.done()
+            async with session.post(f"{cluster.url}/v1/download/cancel/{job['jobId']}") as cancel:
+                canceled_at = time.monotonic()
+                canceled_by = cancel.headers["Longdl-Replica"]
+            async with await poll as answer:
+                if answer.headers["Longdl-Replica"] != canceled_by:
+                    poll_s.append(time.monotonic() - canceled_at)
+                assert "canceled" == (await answer.json())["status"]
+        while len(stream_s) < 20:
+            job = await initiate(session, cluster)
+            events = f"{cluster.url}/v1/download/{job['jobId']}/events"
+            async with session.get(events) as stream:
+                streamed_by = stream.headers["Longdl-Replica"]
+                async for line in stream.content:
+                    if line.startswith(b"event: snapshot"):
+                        break
+                async with session.post(
+                    f"{cluster.url}/v1/download/cancel/{job['jobId']}"
+                ) as cancel:
+                    canceled_at = time.monotonic()
+                    canceled_by = cancel.headers["Longdl-Replica"]
+                async for line in stream.content:
+                    if line.startswith(b"event: status"):
+                        if streamed_by != canceled_by:
+                            stream_s.append(time.monotonic() - canceled_at)
+                        break
+    poll_ms, stream_ms = statistics.median(poll_s) * 1000, statistics.median(stream_s) * 1000
+    print(f"cross-replica wake-ups: long-poll {poll_ms:.1f} ms, event stream {stream_ms:.1f} ms")
+    assert statistics.median(poll_s) < 0.1, poll_s
+    assert statistics.median(stream_s) < 0.1, stream_s
+
+
+async def test_a_killed_replicas_jobs_finish_on_the_others(make_cluster: Any) -> None:
+    """SIGKILL of a replica while it runs jobs: they finish on the other two within
+    LEASE_S and a few seconds; nothing is lost and nothing completes twice."""
+    cluster = make_cluster(
+        LEASE_S="6",
+        WORKER_CONCURRENCY="4",
+        DOWNLOAD_DELAY_ENABLED="true",
+        DOWNLOAD_DELAY_MIN_MS="1500",
+        DOWNLOAD_DELAY_MAX_MS="3000",
+    )
+    victim = cluster.processes[0].pid
+    async with aiohttp.ClientSession() as session:
+        job_ids = [(await initiate(session, cluster))["jobId"] for _ in range(30)]
+        conn = await asyncpg.connect(cluster.database_url)
+        try:
+
+            async def victim_runs_jobs() -> bool:
+                count = await conn.fetchval(
+                    "SELECT count(*) FROM jobs WHERE status = 'running' AND worker_id LIKE $1",
+                    f"%-{victim}-%",
+                )
+                return bool(count)
+
+            await wait_for(victim_runs_jobs, 30, interval_s=0.05)
+        finally:
+            await conn.close()
+        cluster.kill_replica(0)
+        killed_at = time.monotonic()
+        done = await wait_all_finished(session, cluster, job_ids, timeout_s=60)
+        took_s = time.monotonic() - killed_at
+    assert {"completed": 30} == dict(Counter(body["status"] for body in done.values()))
+    assert {1} == set(completions(cluster).values())
+    assert took_s < 6 + 3 + 5  # LEASE_S, the longest job, a margin
+
+
+async def test_identical_idempotent_initiates_on_every_replica_make_one_job(
+    make_cluster: Any,
+) -> None:
+    """100 concurrent identical initiates with one Idempotency-Key, spread over the
+    replicas by nginx, make one job."""
+    cluster = make_cluster()
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> tuple[str, str]:
+            async with session.post(
+                f"{cluster.url}/v1/download/initiate",
+                json={"file_ids": [70000]},
+                headers={"Idempotency-Key": "same-for-all"},
+            ) as response:
+                assert 202 == response.status, await response.text()
+                return (await response.json())["jobId"], response.headers["Longdl-Replica"]
+
+        answers = await asyncio.gather(*(one() for _ in range(100)))
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        rows = await conn.fetchval("SELECT count(*) FROM jobs")
+    finally:
+        await conn.close()
+    assert 1 == len({job_id for job_id, _ in answers}) == rows
+    assert 3 == len({replica for _, replica in answers})
