@@ -281,10 +281,15 @@ def test_jobs_show_takes_the_short_id_get_prints(service: ServiceProcess, tmp_pa
 
 def test_a_prefix_of_several_jobs_is_a_usage_error(service: ServiceProcess, tmp_path: Path) -> None:
     """A prefix two jobs share exits 2 naming them, rather than picking one."""
-    for index in range(17):  # 17 ids over 16 first hex digits: two share one
-        longdl(service, "get", "70000", "-o", f"{index}.zip", "--no-wait", cwd=tmp_path)
-    listed = longdl(service, "jobs", "ls", "--limit", "100", "--json", cwd=tmp_path)
-    ids = [item["jobId"] for item in json.loads(listed.stdout)["items"]]
+
+    async def initiate_17() -> list[str]:  # 17 ids over 16 first hex digits: two share one
+        answers = [
+            await service.json("POST", "/v1/download/initiate", json={"file_ids": [70000]})
+            for _ in range(17)
+        ]
+        return [str(body["jobId"]) for _, body in answers]
+
+    ids = asyncio.run(initiate_17())
     shared = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
 
     result = longdl(service, "jobs", "show", shared, cwd=tmp_path)
