@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run seed cluster test lint typecheck bench bench-quick bench-tools clean
+.PHONY: install run seed cluster test lint typecheck fuzz container-test bench bench-quick bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -45,6 +45,16 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# schemathesis, every check, against a real longdl serve: over 2,000 generated cases.
+# (make test runs a short campaign: tests/test_schemathesis.py.)
+fuzz: install
+	$(BIN)/python tests/fuzz.py --max-examples 150 --seed 7
+
+# Build the Dockerfile with podman and check the image as a user would (as root; .ci/run
+# installs podman and mmdebstrap). Plain python3: the check needs only the stdlib.
+container-test:
+	$(PYTHON) tests/container_check.py
 
 # Measurements, not pass/fail tests (see bench/__init__.py). `make bench` runs every figure
 # of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~8 min);

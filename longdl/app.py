@@ -4,6 +4,7 @@ reverse, reached through the typed keys of :mod:`longdl.web.keys`."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
@@ -78,20 +79,35 @@ def create_app(
         engine.hub.add_listener(app[metrics.METRICS].on_job_change)
         await engine.start()
         app[keys.ENGINE] = engine
+        where = (
+            settings.storage_summary()
+            if storage is None
+            else f"storage={app[keys.STORAGE].name} (passed to create_app)"
+        )
         log.info(
-            "longdl ready store=%s storage=%s data_dir=%s workers=%d worker_id=%s",
+            "longdl ready store=%s %s data_dir=%s workers=%d worker_id=%s",
             app[keys.STORE].name,
-            app[keys.STORAGE].name,
-            settings.data_dir,
+            where,
+            settings.data_dir.resolve(),
             settings.worker_concurrency,
             worker_id,
         )
+        if settings.ignored_s3_variables and storage is None:
+            log.warning(
+                "STORAGE_BACKEND=local: ignoring %s", ", ".join(settings.ignored_s3_variables)
+            )
         yield
-        await engine.stop()
+        # The grace started at drain: jobs ran on while aiohttp waited for open requests.
+        drained_at = shutdown_started.get("at")
+        spent_s = 0.0 if drained_at is None else time.monotonic() - drained_at
+        await engine.stop(grace_s=max(0.0, settings.shutdown_grace_s - spent_s))
+
+    shutdown_started: dict[str, float] = {}
 
     async def drain(app: web.Application) -> None:
         # on_shutdown runs as soon as the server stops listening, before aiohttp waits
         # for open requests: waiters answer now and new jobs get 503.
+        shutdown_started["at"] = time.monotonic()
         if keys.ENGINE in app:
             app[keys.ENGINE].drain()
 

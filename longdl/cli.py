@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import pydantic
 from aiohttp import web
 
 import longdl
-from longdl import cli_client
+from longdl import cli_client, config
 from longdl import storage as storage_backends
 from longdl.config import Settings, check_replica_secrets
 from longdl.seed import DEMO_FILE_IDS, seed
@@ -105,10 +109,40 @@ def run(app: web.Application, settings: Settings) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        shutdown_timeout=settings.shutdown_grace_s + 5,
+        # Open requests get the same grace as running jobs, at the same time (app.py), so a
+        # stop takes about SHUTDOWN_GRACE_S in all, inside a container engine's 10 s.
+        shutdown_timeout=settings.shutdown_grace_s,
         access_log=None,
         print=lambda text: logging.getLogger("longdl").info("%s", text.strip().replace("\n", " ")),
     )
+
+
+def data_dir_problem(path: Path) -> str | None:
+    """Why this process cannot keep its files in DATA_DIR ``path``, or None if it can.
+
+    Checked at start so a bind mount owned by someone else is a one-line message that
+    says what to change, not a traceback from deep inside SQLite.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".longdl-write-test-"):
+            pass
+    except OSError as exc:
+        uid = os.getuid()
+        return (
+            f"DATA_DIR {path} is not writable by this process (uid {uid}): {exc.strerror}. "
+            f"Give uid {uid} the folder (chown -R {uid} on the host, for a bind mount) "
+            "or point DATA_DIR at a writable one."
+        )
+    return None
+
+
+def writes_data_dir(settings: Settings, command: str) -> bool:
+    """Whether ``command`` keeps files in DATA_DIR: local storage (and its signing key),
+    and for serve the SQLite store or a generated webhook secret."""
+    if settings.storage_backend == "local":
+        return True
+    return command == "serve" and (not settings.database_url or not settings.webhook_secret)
 
 
 def cmd_serve(settings: Settings) -> int:
@@ -145,9 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_client.run(args)
     try:
         settings = settings_from(args)
-    except Exception as exc:  # pydantic.ValidationError: show it without a traceback
-        print(f"longdl: invalid settings: {exc}", file=sys.stderr)
+    except pydantic.ValidationError as exc:  # show what to fix, without a traceback
+        print(f"longdl: invalid settings:\n{config.describe_error(exc)}", file=sys.stderr)
         return 2
+    if writes_data_dir(settings, args.command):
+        problem = data_dir_problem(settings.data_dir)
+        if problem is not None:
+            print(f"longdl: {problem}", file=sys.stderr)
+            return 2
     if args.command == "serve":
         return cmd_serve(settings)
     return cmd_seed(settings, args.file_ids)

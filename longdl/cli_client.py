@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -186,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         hint = "; run the same command again to resume" if args.command == "get" else ""
         return _fail(EXIT_INTERRUPTED, f"interrupted{hint}")
+    except AmbiguousJobId as exc:
+        return _fail(EXIT_USAGE, str(exc))
     except api.JobFailedError as exc:
         return _fail(EXIT_FAILED, f"job failed: {exc.code}: {exc.message}")
     except api.NotFoundError as exc:
@@ -290,13 +294,49 @@ async def cmd_jobs_ls(client: api.LongdlClient, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+class AmbiguousJobId(ValueError):
+    """A short job id that starts more than one of the caller's jobs."""
+
+
+async def resolve_job_id(client: api.LongdlClient, text: str) -> str:
+    """The full id of the job ``text`` names: a whole id, or a unique prefix of one of the
+    caller's jobs (the 8 characters ``longdl get`` shows).
+
+    Raises:
+        AmbiguousJobId: several jobs start with ``text``.
+        api.NotFoundError: none does.
+    """
+    text = text.strip().lower()
+    if len(text) == 36:
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(text))
+    matches: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await client.history(limit=100, cursor=cursor)
+        matches.extend(job.jobId for job in page.items if job.jobId.startswith(text))
+        if len(matches) > 1:
+            shown = ", ".join(matches[:5])
+            raise AmbiguousJobId(f"{text} starts several jobs ({shown}); give more of the id")
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    if not matches:
+        raise api.NotFoundError(
+            404, "Not Found", f"No job of yours starts with {text}", code="JOB_NOT_FOUND"
+        )
+    return matches[0]
+
+
 async def cmd_jobs_show(client: api.LongdlClient, args: argparse.Namespace) -> int:
-    _print_job(client, await client.status(args.job_id), args.json)
+    job_id = await resolve_job_id(client, args.job_id)
+    _print_job(client, await client.status(job_id), args.json)
     return EXIT_OK
 
 
 async def cmd_jobs_cancel(client: api.LongdlClient, args: argparse.Namespace) -> int:
-    _print_job(client, await client.cancel(args.job_id), args.json)
+    job_id = await resolve_job_id(client, args.job_id)
+    _print_job(client, await client.cancel(job_id), args.json)
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -65,10 +65,55 @@ def load_or_create_secret_file(path: Path, generate: Callable[[], str]) -> str:
     return secret
 
 
+#: Settings whose presence selects S3 when STORAGE_BACKEND is unset: each names an S3
+#: location or its credentials (region and path style only tune it).
+S3_SELECTORS = ("s3_endpoint", "s3_bucket_name", "s3_access_key_id", "s3_secret_access_key")
+
+
+def _check_s3(settings: Settings) -> None:
+    """Refuse an S3 configuration that cannot work, naming the variable to fix.
+
+    Raises:
+        ValueError: the message starts with the variable's name.
+    """
+    key_id, secret = settings.s3_access_key_id, settings.s3_secret_access_key
+    if bool(key_id) != bool(secret):
+        given, missing = (
+            ("S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY")
+            if key_id
+            else ("S3_SECRET_ACCESS_KEY", "S3_ACCESS_KEY_ID")
+        )
+        raise ValueError(f"{missing} is required when {given} is set (or unset both)")
+    for name in ("s3_endpoint", "s3_public_endpoint"):
+        url = getattr(settings, name)
+        if url is not None and not (
+            url.startswith(("http://", "https://")) and len(url.split("://", 1)[1]) > 0
+        ):
+            raise ValueError(f"{name.upper()} must be an http:// or https:// URL, got {url!r}")
+    bucket = settings.s3_bucket_name
+    if not 3 <= len(bucket) <= 63 or not all(c.isalnum() or c in ".-" for c in bucket):
+        raise ValueError(
+            f"S3_BUCKET_NAME must be a bucket name (3-63 letters, digits, '.' or '-'), "
+            f"got {bucket!r}"
+        )
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A settings error as lines ``NAME: message`` a person can act on."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        names = [str(part).upper() for part in error["loc"] if isinstance(part, str)]
+        lines.append(f"{'.'.join(names)}: {message}" if names else message)
+    return "\n".join(lines)
+
+
 class Settings(BaseSettings):
     """Every knob of the service; the defaults run it with zero configuration."""
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    _storage_chosen_by: str = PrivateAttr(default="the default")
 
     #: Interface to listen on.
     host: str = "0.0.0.0"
@@ -86,7 +131,9 @@ class Settings(BaseSettings):
     #: Log level name.
     log_level: str = "INFO"
 
-    #: Which storage backend keeps source files and bundles.
+    #: Which storage backend keeps source files and bundles. Unset: s3 when any of the
+    #: original service's S3_ENDPOINT, S3_BUCKET_NAME, S3_ACCESS_KEY_ID or
+    #: S3_SECRET_ACCESS_KEY is set, else local. Set, it wins.
     storage_backend: Literal["local", "s3"] = "local"
     #: Folder of the local storage backend (DATA_DIR/storage when unset); replicas share
     #: local storage by mounting one folder here on each.
@@ -137,8 +184,9 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=30.0, gt=0)
     #: Progress is written to SQLite at most this often.
     progress_flush_ms: int = Field(default=1000, ge=10)
-    #: Seconds running jobs get to finish on SIGTERM before they are re-queued.
-    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    #: Seconds running jobs (and open requests) get to finish on SIGTERM before the jobs are
+    #: re-queued. Below the 10 s docker/podman stop waits before SIGKILL; raise both together.
+    shutdown_grace_s: float = Field(default=7.0, ge=0)
     #: How long a claimed job stays this process's without a heartbeat; a job whose
     #: lease runs out (its process died) is re-queued by any live process.
     lease_s: float = Field(default=30.0, ge=1)
@@ -255,6 +303,41 @@ class Settings(BaseSettings):
                         "or waiting requests would be cut off"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _storage_from_the_s3_variables(self) -> Settings:
+        s3_named = [name.upper() for name in S3_SELECTORS if name in self.model_fields_set]
+        if "storage_backend" in self.model_fields_set:
+            self._storage_chosen_by = "STORAGE_BACKEND"
+        elif s3_named:
+            self.storage_backend = "s3"
+            self._storage_chosen_by = ", ".join(s3_named)
+        if self.storage_backend == "s3":
+            _check_s3(self)
+        return self
+
+    @property
+    def storage_chosen_by(self) -> str:
+        """What chose the storage backend: STORAGE_BACKEND, the S3_* variables, or the default."""
+        return self._storage_chosen_by
+
+    @property
+    def ignored_s3_variables(self) -> list[str]:
+        """S3_* variables that are set while STORAGE_BACKEND=local says not to use them."""
+        if self.storage_backend != "local":
+            return []
+        return [name.upper() for name in S3_SELECTORS if name in self.model_fields_set]
+
+    def storage_summary(self) -> str:
+        """Which storage and where, for the start-up log."""
+        if self.storage_backend == "s3":
+            where = (
+                f"bucket={self.s3_bucket_name} endpoint={self.s3_endpoint or 'AWS'} "
+                f"region={self.s3_region}"
+            )
+        else:
+            where = f"folder={self.storage_dir.resolve()}"
+        return f"storage={self.storage_backend} {where} (chosen by {self.storage_chosen_by})"
 
     @property
     def database_path(self) -> Path:

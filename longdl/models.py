@@ -10,11 +10,15 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     Strict,
+    ValidationError,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 MIN_FILE_ID = 10_000
 MAX_FILE_ID = 100_000_000
@@ -152,7 +156,22 @@ class Job:
 
 # --- requests --------------------------------------------------------------------------
 
-FileId = Annotated[int, Strict(), Field(ge=MIN_FILE_ID, le=MAX_FILE_ID)]
+
+def _integral_float_to_int(value: object) -> object:
+    """``70000.0`` is the integer JSON Schema says it is; ``70000.5`` stays a float (refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: A source file id. JSON numbers with no fraction (``70000.0``) count, as JSON Schema's
+#: ``integer`` says; strings and booleans do not.
+FileId = Annotated[
+    int,
+    Strict(),
+    Field(ge=MIN_FILE_ID, le=MAX_FILE_ID),
+    BeforeValidator(_integral_float_to_int),
+]
 
 
 class _Request(BaseModel):
@@ -165,8 +184,26 @@ class CheckRequest(_Request):
     file_id: FileId
 
 
+def _field_error(field: str, message: str, data: object) -> ValidationError:
+    """A validation error about ``field`` (a model validator's own errors have no field)."""
+    return ValidationError.from_exception_data(
+        "request",
+        [InitErrorDetails(type=PydanticCustomError("missing", message), loc=(field,), input=data)],
+    )
+
+
+#: What initiate's schema says about the two id fields, exactly as the server reads them:
+#: one of them, not null, and not both.
+ONE_OF_FILE_IDS: list[JsonValue] = [
+    {"required": ["file_ids"], "properties": {"file_ids": {"type": "array"}}},
+    {"required": ["file_id"], "properties": {"file_id": {"type": "integer"}}},
+]
+
+
 class InitiateRequest(_Request):
     """Body of ``POST /v1/download/initiate``: ``file_ids`` or a single ``file_id``."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": ONE_OF_FILE_IDS})
 
     file_ids: list[FileId] | None = Field(
         default=None,
@@ -190,13 +227,17 @@ class InitiateRequest(_Request):
         default=False, description="Fail the job when any file is missing."
     )
 
-    @model_validator(mode="after")
-    def _one_of_ids(self) -> InitiateRequest:
-        if self.file_ids is None and self.file_id is None:
-            raise ValueError("either file_ids or file_id is required")
-        if self.file_ids is not None and self.file_id is not None:
-            raise ValueError("send file_ids or file_id, not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_ids(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data  # pydantic refuses it as "not an object"
+        given = [name for name in ("file_ids", "file_id") if data.get(name) is not None]
+        if not given:
+            raise _field_error("file_ids", "Send file_ids (a list of ids) or file_id", data)
+        if len(given) == 2:
+            raise _field_error("file_id", "Send file_ids or file_id, not both", data)
+        return data
 
     def unique_file_ids(self) -> list[int]:
         """The requested ids, duplicates removed, first occurrence kept."""
@@ -270,7 +311,13 @@ class JobOut(BaseModel):
     clientRequestId: str | None
     timestamps: TimestampsOut
     elapsedSeconds: float
-    downloadUrl: str | None
+    downloadUrl: str | None = Field(
+        description=(
+            "Signed now, once completed. Local storage: relative (/files/...), so it "
+            "resolves against the URL the client used, through any proxy; absolute on "
+            "PUBLIC_URL when that is set. S3: the presigned URL (absolute)."
+        )
+    )
     result: ResultOut | None
     error: ErrorOut | None
     expiresAt: str | None
@@ -318,15 +365,15 @@ class ProblemFieldError(BaseModel):
 
 
 class Problem(BaseModel):
-    """RFC 9457 problem details."""
+    """RFC 9457 problem details; ``code`` is a stable name to branch on."""
 
     type: str = "about:blank"
     title: str
     status: int
+    code: str
     detail: str | None = None
     requestId: str | None = None
     errors: list[ProblemFieldError] | None = None
-    code: str | None = None
 
 
 class RootOut(BaseModel):
@@ -360,7 +407,12 @@ class StartOut(BaseModel):
 
     file_id: int
     status: Literal["completed", "failed"]
-    downloadUrl: str | None = Field(description="Signed URL when completed; absolute.")
+    downloadUrl: str | None = Field(
+        description=(
+            "Signed URL when completed; always absolute, as the original service answered: "
+            "on PUBLIC_URL when set, else on the scheme and Host of this request."
+        )
+    )
     size: int | None = Field(description="Size of the download in bytes.")
     processingTimeMs: int
     message: str

@@ -109,14 +109,21 @@ def test_get_resumes_after_ctrl_c(service: ServiceProcess, tmp_path: Path) -> No
     part = api.part_path(target)
     env = {**os.environ, "LONGDL_URL": service.url}
     command = [sys.executable, "-m", "longdl", "get", str(BIG_ID), "-o", "big.zip"]
-    proc = subprocess.Popen(
-        [*command, "--limit-rate", "1M"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Run as under `nohup make test &`, where SIGINT is ignored and children inherit that:
+    # the child must get the default handler back, as a terminal's Ctrl-C would find it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(
+            [*command, "--limit-rate", "1M"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 30
         while not (part.exists() and part.stat().st_size > 0):
@@ -264,6 +271,49 @@ def test_jobs_show_prints_the_job(service: ServiceProcess, tmp_path: Path) -> No
     assert job_id == JobOut.model_validate_json(shown.stdout).jobId
 
 
+def test_jobs_show_takes_the_short_id_get_prints(service: ServiceProcess, tmp_path: Path) -> None:
+    """The 8 characters the progress line shows (``job 257d5e1c``) are enough for jobs show."""
+    job_id = longdl(service, "get", "70007", "--no-wait", cwd=tmp_path).stdout.strip()
+    shown = longdl(service, "jobs", "show", job_id[:8], "--json", cwd=tmp_path)
+    assert 0 == shown.returncode, shown.stderr
+    assert job_id == JobOut.model_validate_json(shown.stdout).jobId
+
+
+def test_a_prefix_of_several_jobs_is_a_usage_error(service: ServiceProcess, tmp_path: Path) -> None:
+    """A prefix two jobs share exits 2 naming them, rather than picking one."""
+
+    async def initiate_17() -> list[str]:  # 17 ids over 16 first hex digits: two share one
+        answers = [
+            await service.json("POST", "/v1/download/initiate", json={"file_ids": [70000]})
+            for _ in range(17)
+        ]
+        return [str(body["jobId"]) for _, body in answers]
+
+    ids = asyncio.run(initiate_17())
+    shared = next(c for c in "0123456789abcdef" if sum(i.startswith(c) for i in ids) > 1)
+
+    result = longdl(service, "jobs", "show", shared, cwd=tmp_path)
+
+    assert 2 == result.returncode
+    assert f"{shared} starts several jobs" in result.stderr
+
+
+def test_jobs_cancel_takes_a_prefix(service: ServiceProcess, tmp_path: Path) -> None:
+    """jobs cancel resolves a prefix too: here to a finished job, which it cannot cancel."""
+    job_id = longdl(service, "get", "70014", "-o", "c.zip", "--no-wait", cwd=tmp_path).stdout
+    longdl(service, "get", "70014", "-o", "c.zip", cwd=tmp_path)  # the same job, finished
+    result = longdl(service, "jobs", "cancel", job_id.strip()[:8], cwd=tmp_path)
+    assert 1 == result.returncode
+    assert "The job is already completed" in result.stderr
+
+
+def test_a_prefix_of_no_job_exits_3(service: ServiceProcess, tmp_path: Path) -> None:
+    """A prefix no job of the caller starts with is "no such job" (exit 3)."""
+    result = longdl(service, "jobs", "show", "zzzzzzzz", cwd=tmp_path)
+    assert 3 == result.returncode
+    assert "No job of yours starts with zzzzzzzz" in result.stderr
+
+
 @pytest.mark.parametrize("action", ["show", "cancel"])
 def test_unknown_job_exits_3(service: ServiceProcess, tmp_path: Path, action: str) -> None:
     """jobs show/cancel of a job that does not exist exit 3 with the server's message."""
@@ -331,3 +381,20 @@ def test_progress_prints_periodic_lines_otherwise() -> None:
 
     lines = stream.getvalue().splitlines()
     assert ["0.0%", "40.0%", "80.0%", "100.0%"] == [line.split()[2] for line in lines]
+
+
+def test_serve_says_so_when_data_dir_is_not_writable(tmp_path: Path) -> None:
+    """A DATA_DIR that cannot be written is one line naming it and the uid, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "longdl", "serve"],
+        env={**os.environ, "DATA_DIR": str(blocker / "data"), "PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert 2 == result.returncode
+    assert f"DATA_DIR {blocker / 'data'} is not writable" in result.stderr
+    assert f"uid {os.getuid()}" in result.stderr
+    assert "Traceback" not in result.stderr

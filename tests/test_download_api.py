@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import uuid
 import zipfile
 from typing import Any
@@ -264,3 +265,24 @@ async def test_signing_key_is_private_and_survives_a_restart(
     response = await second.get(url)
     assert 200 == response.status
     assert zipfile.is_zipfile(io.BytesIO(await response.read()))
+
+
+async def test_progress_with_the_demo_delay_moves_with_the_clock(make_client: AppFactory) -> None:
+    """With DOWNLOAD_DELAY on, percent grows with elapsed time over the whole job (no crawl
+    to 20 % then a jump to 100 %), so a time-left estimate made from it holds."""
+    client = await make_client(
+        download_delay_enabled=True, download_delay_min_ms=1600, download_delay_max_ms=1600
+    )
+    samples: list[tuple[float, float, str]] = []
+    client.app[keys.ENGINE].hub.add_listener(
+        lambda job: samples.append((time.monotonic(), job.progress.percent, job.status.value))
+    )
+    job_id = await initiate(client, [70000, 70007])
+    assert "completed" == (await finished(client, job_id))["status"]
+
+    started = next(t for t, _, status in samples if status == "running")
+    ended = next(t for t, _, status in samples if status == "completed")
+    for fraction in (0.25, 0.5, 0.75):
+        at = started + fraction * (ended - started)
+        percent = max(p for t, p, _ in samples if t <= at)
+        assert abs(100 * fraction - percent) < 20, (fraction, percent)

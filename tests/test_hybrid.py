@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient
-from conftest import AppFactory
+from conftest import AppFactory, finished
 from yarl import URL
 
 from longdl.seed import demo_content
@@ -145,3 +146,34 @@ async def test_remote_start_with_prefer_wait_gets_the_original_shape(
     )
     assert 200 == response.status
     assert "completed" == (await response.json())["status"]
+
+
+async def test_download_url_forms_and_public_url(make_client: AppFactory, tmp_path: Path) -> None:
+    """Status answers a relative local URL, start an absolute one on the request's host;
+    with PUBLIC_URL both are absolute on it; the spec says so on each field."""
+    plain = await make_client()
+    public = await make_client(public_url="https://dl.example.com", data_dir=tmp_path / "public")
+    forms = []
+    for client in (plain, public):
+        started = await (await client.post("/v1/download/start", json={"file_id": 70000})).json()
+        job_id = await initiate_finished(client)
+        status = await (await client.get(f"/v1/download/status/{job_id}")).json()
+        forms.append((status["downloadUrl"], started["downloadUrl"]))
+    origin = str(plain.make_url("/")).rstrip("/")
+
+    (plain_status, plain_start), (public_status, public_start) = forms
+    assert plain_status.startswith("/files/")
+    assert plain_start.startswith(f"{origin}/files/")
+    assert public_status.startswith("https://dl.example.com/files/")
+    assert public_start.startswith("https://dl.example.com/files/")
+    spec = await (await plain.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    assert "relative" in schemas["JobOut"]["properties"]["downloadUrl"]["description"]
+    assert "PUBLIC_URL" in schemas["StartOut"]["properties"]["downloadUrl"]["description"]
+
+
+async def initiate_finished(client: TestClient[Any, Any]) -> str:
+    response = await client.post("/v1/download/initiate", json={"file_ids": [70000, 70007]})
+    job_id = str((await response.json())["jobId"])
+    await finished(client, job_id)
+    return job_id

@@ -155,6 +155,38 @@ async def test_polling_routes_have_their_own_budget(make_client: AppFactory) -> 
     assert "50" == polls[0].headers["RateLimit-Limit"]
 
 
+@pytest.mark.parametrize("path", ["/", "/health", "/openapi.json", "/ui", "/v2/nothing"])
+async def test_rate_limit_headers_outside_v1(make_client: AppFactory, path: str) -> None:
+    """Routes outside /v1 carry RateLimit-* too, and count against the polling budget."""
+    client = await make_client(rate_limit_max_requests=5, rate_limit_poll_max_requests=50)
+    first = await client.get(path, allow_redirects=False)
+    second = await client.get(path, allow_redirects=False)
+    assert ("50", "50;w=60") == (
+        first.headers["RateLimit-Limit"],
+        first.headers["RateLimit-Policy"],
+    )
+    assert 1 == int(first.headers["RateLimit-Remaining"]) - int(
+        second.headers["RateLimit-Remaining"]
+    )
+
+
+async def test_service_routes_are_limited_too(make_client: AppFactory) -> None:
+    """Once the polling budget is spent, GET / is 429 with Retry-After like any route."""
+    client = await make_client(rate_limit_poll_max_requests=2)
+    answers = [await client.get("/") for _ in range(3)]
+    assert [200, 200, 429] == [r.status for r in answers]
+    assert answers[2].headers["Retry-After"]
+
+
+async def test_preflight_shows_the_window_without_spending_it(make_client: AppFactory) -> None:
+    """A CORS preflight carries RateLimit-* of the route it asks about, and costs nothing."""
+    client = await make_client(rate_limit_max_requests=5)
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+    answers = [await client.options("/v1/download/check", headers=preflight) for _ in range(2)]
+    assert [204, 204] == [r.status for r in answers]
+    assert ["5", "5"] == [r.headers["RateLimit-Remaining"] for r in answers]
+
+
 async def test_forwarded_for_is_ignored_from_untrusted_peers(make_client: AppFactory) -> None:
     """A client cannot get a fresh budget by inventing X-Forwarded-For."""
     client = await make_client(rate_limit_max_requests=1)
@@ -240,6 +272,50 @@ async def test_wrong_method_is_405_with_allow(client: TestClient[Any, Any]) -> N
     assert 405 == response.status
     assert "application/problem+json" == response.content_type
     assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/download/initiate"),
+        ("GET", "/v1/download/start"),
+        ("GET", "/v1/download/check"),
+        ("DELETE", "/v1/download/initiate"),
+        ("OPTIONS", "/v1/download/check"),
+    ],
+)
+async def test_wrong_method_on_a_post_route_is_405_not_a_job(
+    client: TestClient[Any, Any], method: str, path: str
+) -> None:
+    """GET /v1/download/initiate is a wrong method (405, Allow: POST), not job "initiate"."""
+    response = await client.request(method, path)
+    body = await response.json()
+    assert (405, "POST") == (response.status, response.headers["Allow"])
+    assert "METHOD_NOT_ALLOWED" == body["code"]
+
+
+async def test_wrong_method_elsewhere_allows_only_the_documented_methods(
+    client: TestClient[Any, Any],
+) -> None:
+    """PUT on a job's result URL lists the methods of that route, nothing from its neighbours."""
+    response = await client.put(f"/v1/download/{uuid.uuid4()}")
+    assert 405 == response.status
+    assert {"DELETE", "GET", "HEAD"} == set(response.headers["Allow"].split(","))
+
+
+async def test_every_problem_carries_a_code(client: TestClient[Any, Any]) -> None:
+    """404 for an unknown route, 405 and 413 name a code, like the service's own problems."""
+    answers = [
+        await client.get("/v2/nothing"),
+        await client.put("/v1/download/initiate", json={}),
+        await client.post(
+            "/v1/download/initiate",
+            data=b'{"pad": "' + b"x" * 70_000 + b'"}',
+            headers={"Content-Type": "application/json"},
+        ),
+    ]
+    codes = [(r.status, (await r.json()).get("code")) for r in answers]
+    assert [(404, "NOT_FOUND"), (405, "METHOD_NOT_ALLOWED"), (413, "BODY_TOO_LARGE")] == codes
 
 
 class BrokenStorage(LocalStorage):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import sqlite3
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -127,3 +129,40 @@ async def test_sigterm_requeues_running_jobs_which_finish_after_restart(
     await service.start()
     body = await wait_status(service, job_id, {"completed"})
     assert 1 == body["attempts"]
+
+
+async def test_sigterm_with_the_default_grace_exits_within_a_container_stop(
+    tmp_path: Path,
+) -> None:
+    """With SHUTDOWN_GRACE_S at its default, SIGTERM mid-job exits 0 well inside the 10 s
+    docker/podman stop waits before SIGKILL, and the job goes back to the queue."""
+    service = ServiceProcess(
+        tmp_path / "data",
+        {
+            "DOWNLOAD_DELAY_ENABLED": "true",
+            "DOWNLOAD_DELAY_MIN_MS": "60000",
+            "DOWNLOAD_DELAY_MAX_MS": "60000",
+        },
+    )
+    service.env.pop("SHUTDOWN_GRACE_S", None)
+    service.run_cli("seed", "70000")
+    await service.start()
+    try:
+        job_id = await initiate(service, [70000])
+        await wait_status(service, job_id, {"running"})
+        # An open event stream must not add a wait of its own to the job's grace.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{service.url}/v1/download/{job_id}/events") as stream,
+        ):
+            while b"event: snapshot" not in await stream.content.readline():
+                pass
+            started = time.monotonic()
+            code = await asyncio.to_thread(service.terminate, 9.5)
+            elapsed_s = time.monotonic() - started
+    finally:
+        service.close()
+
+    assert 0 == code
+    assert elapsed_s < 9.5
+    assert ("queued", 0) == rows(service.data_dir)[job_id]

@@ -104,3 +104,87 @@ async def test_single_file_id_form_is_accepted(client: TestClient[Any, Any]) -> 
     response = await client.post("/v1/download/initiate", json={"file_id": 70000})
     assert 202 == response.status
     assert 1 == (await response.json())["totalFileIds"]
+
+
+# --- the schema says exactly what the server accepts -----------------------------------
+
+NULL_IDS_BODIES = {
+    "both null": '{"file_ids": null, "file_id": null}',
+    "ids null, no id": '{"file_ids": null}',
+}
+
+
+@pytest.mark.parametrize("body", NULL_IDS_BODIES.values(), ids=NULL_IDS_BODIES.keys())
+async def test_null_ids_are_refused_naming_file_ids(
+    client: TestClient[Any, Any], body: str
+) -> None:
+    """Null ids count as absent: the 400 says to send file_ids, and nothing is created."""
+    response = await client.post(
+        "/v1/download/initiate", data=body, headers={"Content-Type": "application/json"}
+    )
+    problem = await response.json()
+    assert 400 == response.status
+    assert ["file_ids"] == [e["field"] for e in problem["errors"]]
+    assert 0 == job_count(client)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/download/initiate", {"file_ids": [70000.0, 70007.0]}),
+        ("/v1/download/initiate", {"file_id": 70000.0}),
+        ("/v1/download/check", {"file_id": 70000.0}),
+        ("/v1/download/start", {"file_id": 70000.0}),
+    ],
+)
+async def test_integral_numbers_are_integers(
+    client: TestClient[Any, Any], path: str, body: dict[str, Any]
+) -> None:
+    """70000.0 is an integer in JSON Schema, so the server takes it as 70000."""
+    response = await client.post(path, json=body)
+    assert response.status in (200, 202), await response.text()
+
+
+async def test_extra_properties_are_ignored(client: TestClient[Any, Any]) -> None:
+    """A body with fields the schema does not name still starts the job (they are ignored)."""
+    response = await client.post(
+        "/v1/download/initiate", json={"file_ids": [70000], "source": "frontend", "n": 1}
+    )
+    assert 202 == response.status
+
+
+async def test_misspelt_field_is_answered_with_the_right_name(
+    client: TestClient[Any, Any],
+) -> None:
+    """fileIds instead of file_ids: the error names file_ids and says fileIds is not it."""
+    response = await client.post("/v1/download/initiate", json={"fileIds": [70000]})
+    problem = await response.json()
+    assert 400 == response.status
+    assert ["file_ids"] == [e["field"] for e in problem["errors"]]
+    message = problem["errors"][0]["message"]
+    assert "file_ids" in message and "fileIds" in message
+
+
+async def test_misspelt_single_field_is_answered_with_the_right_name(
+    client: TestClient[Any, Any],
+) -> None:
+    """fileId on check: the error is on file_id and names the spelling that was sent."""
+    response = await client.post("/v1/download/check", json={"fileId": 70000})
+    problem = await response.json()
+    assert [("file_id", "Field required; the field is file_id, not fileId")] == [
+        (e["field"], e["message"]) for e in problem["errors"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["{}", '{"file_ids": [70000], "file_id": 70007}', '{"file_ids": [1]}', '{"file_id": "x"}'],
+)
+async def test_messages_carry_no_library_prefix(client: TestClient[Any, Any], body: str) -> None:
+    """Messages are written for the client: no "Value error, " or other pydantic prefix."""
+    response = await client.post(
+        "/v1/download/initiate", data=body, headers={"Content-Type": "application/json"}
+    )
+    messages = [e["message"] for e in (await response.json())["errors"]]
+    assert messages
+    assert [] == [m for m in messages if "error," in m.lower() or "failed," in m.lower()]

@@ -19,6 +19,10 @@ from longdl.zipstream import Entry, zip_entries
 
 #: Share of the progress bar spent resolving files; the rest is bundling bytes.
 RESOLVE_SHARE = 20.0
+#: The share when a simulated upstream delay runs in the resolve phase: the delay is
+#: nearly all of such a job's time, so the bar (and any time-left estimate made from it)
+#: moves with the clock instead of crawling to 20 % and jumping to 100 %.
+DELAYED_RESOLVE_SHARE = 95.0
 #: While simulating upstream latency, progress moves at least this often.
 DELAY_TICK_S = 0.25
 
@@ -47,19 +51,20 @@ async def run(ctx: JobContext) -> Artifact:
     strict = bool(ctx.payload.get("strict", False))
     total = len(file_ids)
     delay_per_file_s = simulated_delay_s(ctx) / total
+    share = DELAYED_RESOLVE_SHARE if delay_per_file_s else RESOLVE_SHARE
 
     sizes: dict[int, int] = {}
     missing: list[int] = []
     for done, file_id in enumerate(file_ids, start=1):
         if delay_per_file_s:
-            await _wait_upstream(ctx, delay_per_file_s, done - 1, total)
+            await _wait_upstream(ctx, delay_per_file_s, done - 1, total, share)
         info = await ctx.storage.head(source_key(file_id))
         if info is None:
             missing.append(file_id)
         else:
             sizes[file_id] = info.size_bytes
         ctx.report(
-            percent=RESOLVE_SHARE * done / total,
+            percent=share * done / total,
             message=f"Resolving {done}/{total} files",
             files_done=0,
             files_total=total,
@@ -85,21 +90,27 @@ async def run(ctx: JobContext) -> Artifact:
             content_type="application/zip",
             details=details,
         )
-    return await _bundle(ctx, available, sizes, details)
+    return await _bundle(ctx, available, sizes, details, share)
 
 
-async def _wait_upstream(ctx: JobContext, delay_s: float, done: int, total: int) -> None:
+async def _wait_upstream(
+    ctx: JobContext, delay_s: float, done: int, total: int, share: float
+) -> None:
     """Sleep out one file's simulated latency, moving progress toward its share."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     ctx.report(message=f"Resolving {done + 1}/{total} files", files_total=total)
     while (elapsed_s := loop.time() - start) < delay_s:
-        ctx.report(percent=RESOLVE_SHARE * (done + elapsed_s / delay_s) / total)
+        ctx.report(percent=share * (done + elapsed_s / delay_s) / total)
         await asyncio.sleep(min(DELAY_TICK_S, delay_s - elapsed_s))
 
 
 async def _bundle(
-    ctx: JobContext, file_ids: list[int], sizes: dict[int, int], details: dict[str, list[int]]
+    ctx: JobContext,
+    file_ids: list[int],
+    sizes: dict[int, int],
+    details: dict[str, list[int]],
+    share: float,
 ) -> Artifact:
     await ctx.set_status(JobStatus.PROCESSING_ARTIFACTS)
     bytes_total = sum(sizes.values())
@@ -115,9 +126,9 @@ async def _bundle(
 
     def on_bytes(count: int) -> None:
         state["bytes"] += count
-        share = state["bytes"] / bytes_total if bytes_total else 1.0
+        done_share = state["bytes"] / bytes_total if bytes_total else 1.0
         ctx.report(
-            percent=min(99.0, RESOLVE_SHARE + (100 - RESOLVE_SHARE) * share),
+            percent=min(99.0, share + (100 - share) * done_share),
             bytes_done=state["bytes"],
         )
 

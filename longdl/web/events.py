@@ -47,7 +47,30 @@ from longdl.web.openapi import problem as problems_doc
 #: Reconnection delay the stream asks clients for.
 RECONNECT_MS = 1000
 
-_EVENT_ID = re.compile(r"^[0-9]{1,19}$")
+#: What an event id looks like; Last-Event-ID values outside it are refused (400).
+EVENT_ID_PATTERN = "^[0-9]{1,19}$"
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+EVENT_ID_SCHEMA = {"type": "string", "pattern": EVENT_ID_PATTERN}
+#: Last-Event-ID as a client sends it: an id, or empty for none (as EventSource resets it).
+LAST_EVENT_ID_SCHEMA = {"type": "string", "pattern": "^([0-9]{1,19})?$"}
+
+#: One event of the stream, as OpenAPI 3.1 describes the items of text/event-stream
+#: (comments and the ``retry:`` line carry no data and are not events).
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "id", "data"],
+    "properties": {
+        "event": {"enum": ["snapshot", "progress", "status"]},
+        "id": EVENT_ID_SCHEMA,
+        "data": {
+            "type": "string",
+            "description": "The job resource, as GET /v1/download/status/{job_id} answers it",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/JobOut"},
+        },
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
 
 routes = web.RouteTableDef()
 
@@ -69,8 +92,8 @@ def last_event_id(request: web.Request) -> int | None:
     Raises:
         HTTPProblem: the id is not one this service hands out.
     """
+    # No strip: HTTP already trims header values, and a query value is taken as sent.
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or ""
-    raw = raw.strip()
     if not raw:
         return None
     if not _EVENT_ID.match(raw):
@@ -121,11 +144,21 @@ async def _changed_within(changed: asyncio.Event, timeout_s: float) -> bool:
     ),
     params=[
         JOB_ID,
-        Param("Last-Event-ID", "header", "Resume: the id of the last event received"),
-        Param("lastEventId", "query", "Resume, for clients that cannot set headers"),
+        Param(
+            "Last-Event-ID",
+            "header",
+            "Resume: the id of the last event received",
+            LAST_EVENT_ID_SCHEMA,
+        ),
+        Param(
+            "lastEventId",
+            "query",
+            "Resume, for clients that cannot set headers",
+            LAST_EVENT_ID_SCHEMA,
+        ),
     ],
     responses={
-        200: Resp("The event stream", media="text/event-stream", schema={"type": "string"}),
+        200: Resp("The event stream", media="text/event-stream", schema=EVENT_SCHEMA),
         400: problems_doc("A Last-Event-ID this stream never sent"),
         404: problems_doc("No such job, or not the caller's"),
     },

@@ -55,6 +55,8 @@ class Resp:
     media: str | Sequence[str] = "application/json"
     schema: Mapping[str, Any] | None = None
     headers: Sequence[str] = ()
+    #: OpenAPI links: name -> (operationId, {parameter: runtime expression}).
+    links: Mapping[str, tuple[str, Mapping[str, str]]] = field(default_factory=dict)
 
     @property
     def media_types(self) -> tuple[str, ...]:
@@ -75,11 +77,15 @@ def problem(description: str, *headers: str) -> Resp:
     return Resp(description, models.Problem, PROBLEM_MEDIA, headers=headers)
 
 
+#: Errors any route can answer: every route counts against a rate limit window.
+EVERY_ROUTE_ERRORS: Mapping[int, Resp] = {
+    429: problem("Rate limit exceeded", "Retry-After"),
+    500: problem("Unexpected error; the request id identifies it in logs"),
+}
 #: Errors any /v1 route can answer.
 V1_ERRORS: Mapping[int, Resp] = {
     401: problem("API_KEYS is set and the Bearer key is missing or wrong", "WWW-Authenticate"),
-    429: problem("Rate limit exceeded", "Retry-After"),
-    500: problem("Unexpected error; the request id identifies it in logs"),
+    **EVERY_ROUTE_ERRORS,
 }
 
 
@@ -94,7 +100,7 @@ def doc(
     v1: bool = True,
 ) -> Callable[[F], F]:
     """Attach the OpenAPI description of a route to its handler."""
-    all_responses = {**(V1_ERRORS if v1 else {}), **responses}
+    all_responses = {**(V1_ERRORS if v1 else EVERY_ROUTE_ERRORS), **responses}
 
     def attach(handler: F) -> F:
         setattr(
@@ -107,8 +113,14 @@ def doc(
     return attach
 
 
+#: A job id as the service mints them (``str(uuid.uuid4())``).
+UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 JOB_ID = Param(
-    "job_id", "path", "The job's id (a UUID)", {"type": "string", "format": "uuid"}, True
+    "job_id",
+    "path",
+    "The job's id (a UUID)",
+    {"type": "string", "format": "uuid", "pattern": UUID_PATTERN},
+    True,
 )
 
 #: Response headers, described once and referenced by name.
@@ -122,6 +134,7 @@ HEADERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "Allow": ("Methods this URL accepts", {"type": "string"}),
 }
 EVERY_RESPONSE_HEADERS = ("X-Request-ID",)
+#: On every response too; which window a route counts against is in policy.budget_of.
 RATE_LIMIT_HEADERS = (
     "RateLimit-Limit",
     "RateLimit-Remaining",
@@ -215,9 +228,7 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
             }
         for status, response in sorted(operation_doc.responses.items()):
             out: dict[str, Any] = {"description": response.description}
-            header_names = [*EVERY_RESPONSE_HEADERS, *response.headers]
-            if path.startswith("/v1/"):
-                header_names.extend(RATE_LIMIT_HEADERS)
+            header_names = [*EVERY_RESPONSE_HEADERS, *RATE_LIMIT_HEADERS, *response.headers]
             out["headers"] = {
                 name: {"$ref": f"#/components/headers/{name}"} for name in header_names
             }
@@ -228,6 +239,11 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
                 schema = dict(response.schema)
             if schema is not None:
                 out["content"] = {media: {"schema": schema} for media in response.media_types}
+            if response.links:
+                out["links"] = {
+                    name: {"operationId": target, "parameters": dict(parameters)}
+                    for name, (target, parameters) in response.links.items()
+                }
             operation["responses"][str(status)] = out
         operations.setdefault(path, {})[method] = operation
 

@@ -7,7 +7,7 @@ Middlewares, outermost first (app.py lists them in this order)::
     problems     (longdl.web.problems) every error below becomes problem+json
     deadline     REQUEST_TIMEOUT_MS for every request but streams (504)
     auth         Bearer keys on /v1 when API_KEYS is set
-    rate_limit   per-caller windows on /v1, a larger one for polling routes
+    rate_limit   per-caller windows: one for /v1, a larger one for polling and the rest
 
 Headers every response carries (request id, security, CORS, RateLimit-*) are added in
 ``on_response_prepare``, which aiohttp runs for every response it sends: handler
@@ -47,7 +47,8 @@ log = logging.getLogger("longdl.web")
 #: Headers a proxy or tunnel adds; their presence means the caller is not local.
 FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "CF-Connecting-IP")
 
-#: Routes a polling client hits repeatedly; they get the larger RATE_LIMIT_POLL budget.
+#: /v1 routes a polling client hits repeatedly; they get the larger RATE_LIMIT_POLL budget,
+#: as does every route outside /v1 (see :func:`budget_of`).
 POLL_ROUTES = frozenset(
     {
         "/v1/download/status/{job_id}",
@@ -221,18 +222,27 @@ class RateLimiter:
         item = self._items[budget]
         try:
             allowed = await self._limiter.hit(item, caller)
-            stats = await self._limiter.get_window_stats(item, caller)
         except Exception as exc:
             log.warning("ratelimit.storage_failed error=%r", exc)
             return True, RateWindow(item.amount, item.amount, self.window_s, self.window_s)
-        window = RateWindow(
+        return allowed, await self.peek(budget, caller, now)
+
+    async def peek(self, budget: str, caller: str, now: float) -> RateWindow:
+        """The caller's window without counting a request (for answers given before the
+        limiter ran: preflights, 401s)."""
+        item = self._items[budget]
+        try:
+            stats = await self._limiter.get_window_stats(item, caller)
+        except Exception as exc:
+            log.warning("ratelimit.storage_failed error=%r", exc)
+            return RateWindow(item.amount, item.amount, self.window_s, self.window_s)
+        return RateWindow(
             limit=item.amount,
             remaining=stats.remaining,
             # The library's expiry can round past the window; never promise a later reset.
             reset_s=min(self.window_s, max(0, math.ceil(stats.reset_time - now))),
             window_s=self.window_s,
         )
-        return allowed, window
 
 
 @dataclass(frozen=True)
@@ -379,12 +389,21 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+def budget_of(request: web.Request) -> str:
+    """Which window a request counts against: ``api`` (RATE_LIMIT_MAX_REQUESTS) for /v1
+    but its polling reads; ``poll`` (RATE_LIMIT_POLL_MAX_REQUESTS) for those and for every
+    route outside /v1 (/, /health, /metrics, /docs, /ui, /files, unknown URLs)."""
+    if not _is_api(request):
+        return "poll"
+    if request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and route_template(request) in POLL_ROUTES:
+        return "poll"
+    return "api"
+
+
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count the request against the caller's window; 429 with Retry-After once spent."""
-    if not _is_api(request):
-        return await handler(request)
-    budget = "poll" if request.method == "GET" and route_template(request) in POLL_ROUTES else "api"
+    budget = budget_of(request)
     allowed, window = await request.app[POLICY].limiter.hit(
         budget, request[keys.CLIENT], time.time()
     )
@@ -418,6 +437,11 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
     is_page = (response.content_type or "").startswith("text/html")
     headers.setdefault("Content-Security-Policy", PAGE_CSP if is_page else API_CSP)
     window = request.get(RATE_WINDOW)
+    if window is None and POLICY in request.app and keys.CLIENT in request:
+        # Answered before the limiter counted it (a preflight, a 401): show the window.
+        window = await request.app[POLICY].limiter.peek(
+            budget_of(request), request[keys.CLIENT], time.time()
+        )
     if window is not None:
         headers.update(window.headers())
     worker_id = request.app.get(keys.WORKER_ID)

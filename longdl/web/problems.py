@@ -9,6 +9,7 @@ from http import HTTPStatus
 from typing import Any
 
 import pydantic
+import pydantic_core
 from aiohttp import hdrs, web
 
 from longdl import exceptions
@@ -19,6 +20,17 @@ log = logging.getLogger("longdl.web")
 
 PROBLEM_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
+
+#: The ``code`` of a problem raised without one (aiohttp's own 404, 405, 413...).
+STATUS_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "BODY_TOO_LARGE",
+}
+
+#: Prefixes pydantic puts before the message of an error raised in a validator.
+_LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")
 
 
 class HTTPProblem(Exception):
@@ -38,7 +50,7 @@ class HTTPProblem(Exception):
         self.status = status
         self.detail = detail
         self.title = title or HTTPStatus(status).phrase
-        self.code = code
+        self.code = code or STATUS_CODES.get(status) or HTTPStatus(status).name
         self.errors = errors
         self.headers = dict(headers or {})
 
@@ -49,9 +61,7 @@ def request_id(request: web.Request) -> str:
 
 def problem_response(request: web.Request, problem: HTTPProblem) -> web.Response:
     body = Problem(
-        type=f"https://longdl.dev/problems/{problem.code.lower().replace('_', '-')}"
-        if problem.code
-        else "about:blank",
+        type=f"https://longdl.dev/problems/{problem.code.lower().replace('_', '-')}",
         title=problem.title,
         status=problem.status,
         detail=problem.detail,
@@ -67,11 +77,33 @@ def problem_response(request: web.Request, problem: HTTPProblem) -> web.Response
     )
 
 
+def _normalized(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
+def field_message(error: pydantic_core.ErrorDetails) -> str:
+    """The message of one validation error, without pydantic's prefixes; a missing field
+    sent under another spelling (``fileIds`` for ``file_ids``) says which one to send."""
+    message = error["msg"]
+    for prefix in _LIBRARY_PREFIXES:
+        message = message.removeprefix(prefix)
+    if error["type"] == "missing" and error["loc"] and isinstance(error["input"], dict):
+        wanted = str(error["loc"][-1])
+        misspelt = [
+            str(key)
+            for key in error["input"]
+            if key != wanted and _normalized(str(key)) == _normalized(wanted)
+        ]
+        if misspelt:
+            message += f"; the field is {wanted}, not {misspelt[0]}"
+    return message
+
+
 def validation_problem(exc: pydantic.ValidationError) -> HTTPProblem:
     errors = []
     for error in exc.errors(include_url=False):
         location = ".".join(str(part) for part in error["loc"]) or "body"
-        errors.append(ProblemFieldError(field=location, message=error["msg"]))
+        errors.append(ProblemFieldError(field=location, message=field_message(error)))
     invalid_json = any(e["type"] == "json_invalid" for e in exc.errors())
     detail = "The request body is not valid JSON" if invalid_json else "The request is invalid"
     return HTTPProblem(400, detail, title="Invalid request", code="VALIDATION_ERROR", errors=errors)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
-import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from longdl.models import (
     utc_iso,
 )
 from longdl.web import keys, policy, render
-from longdl.web.openapi import JOB_ID, Param, Resp, doc, problem
+from longdl.web.openapi import JOB_ID, UUID_PATTERN, Param, Resp, doc, problem
 from longdl.web.problems import HTTPProblem, dumps, read_json
 
 log = logging.getLogger("longdl.web")
@@ -63,6 +61,17 @@ SUBMIT_ERRORS: Mapping[int, Resp] = {
     429: problem("Rate limited, or MAX_ACTIVE_PER_USER unfinished jobs", "Retry-After"),
     503: problem("MAX_QUEUED jobs are waiting, or the service is shutting down", "Retry-After"),
 }
+#: Where a queued job's id leads (OpenAPI links, so clients and fuzzers can follow them).
+JOB_LINKS: Mapping[str, tuple[str, Mapping[str, str]]] = {
+    name: (target, {"job_id": "$response.body#/jobId"})
+    for name, target in (
+        ("status", "get_v1_download_status_job_id"),
+        ("result", "get_v1_download_job_id"),
+        ("events", "get_v1_download_job_id_events"),
+        ("cancel", "post_v1_download_cancel_job_id"),
+        ("delete", "delete_v1_download_job_id"),
+    )
+}
 #: The answers of a route that queues a job with submit_job and answers accepted():
 #: applications' own job routes document themselves with these.
 ACCEPTED: Mapping[int, Resp] = {
@@ -70,6 +79,7 @@ ACCEPTED: Mapping[int, Resp] = {
         "Queued (or replayed): poll statusUrl",
         InitiateOut,
         headers=("Location", "Retry-After", "Idempotent-Replayed"),
+        links=JOB_LINKS,
     ),
     **SUBMIT_ERRORS,
 }
@@ -78,7 +88,12 @@ IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
     "header",
     "Replays the same job for the same request within 24 h (scoped to the caller)",
+    {"type": "string", "minLength": 1, "maxLength": 200},
 )
+#: The job id of ``/v1/download/{job_id}``: any segment but the names of the routes beside
+#: it, so ``GET /v1/download/initiate`` is a wrong method on initiate (405 with Allow), not
+#: a job named "initiate" (404); other ids still reach the route ("No such job").
+JOB = "{job_id:(?!(?:check|history|initiate|start)$)[^{}/]+}"
 PREFER = Param(
     "Prefer", "header", "respond-async, or wait=N: wait up to N s (SYNC_WAIT_MAX_S at most)"
 )
@@ -158,7 +173,6 @@ async def root(request: web.Request) -> web.Response:
                 "ui": "/ui",
                 "openapi": "/openapi.json",
                 "health": "/health",
-                "initiate": "/v1/download/initiate",
             },
         )
     )
@@ -255,7 +269,8 @@ async def submit_job(
             different hash is a 422); hash the validated body.
     """
     await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
-    idempotency_key = request.headers.get("Idempotency-Key") or client_request_id
+    header_key = request.headers.get("Idempotency-Key")
+    idempotency_key = header_key if header_key is not None else client_request_id
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPProblem(
             400, "Idempotency-Key must be 1 to 200 characters", code="VALIDATION_ERROR"
@@ -333,6 +348,7 @@ async def wait_if_preferred(
             "Queued (or replayed): poll statusUrl",
             InitiateOut,
             headers=("Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied"),
+            links=JOB_LINKS,
         ),
         200: Resp(
             "Prefer: wait=N and the job finished in time", JobOut, headers=("Preference-Applied",)
@@ -370,6 +386,7 @@ async def initiate(request: web.Request) -> web.Response:
             "Still running, or a remote caller: poll pollingEndpoint",
             StartAcceptedOut,
             headers=("Location", "Retry-After", "Preference-Applied"),
+            links=JOB_LINKS,
         ),
         **SUBMIT_ERRORS,
     },
@@ -525,22 +542,28 @@ async def _wait_for_change(
     return job, render.etag(job)
 
 
+#: A history cursor: the last job's creation time (``repr`` of the float, so it reads back
+#: exactly) and id. Clients treat it as opaque; the pattern lets the spec say which strings
+#: are cursors, and every string it matches is a position the server accepts.
+CURSOR_PATTERN = r"^[0-9]{1,11}(\.[0-9]{1,17})?_" + UUID_PATTERN.removeprefix("^")
+#: The cursor parameter: a cursor, or empty for the first page.
+CURSOR_PARAM_PATTERN = f"^$|{CURSOR_PATTERN}"
+_CURSOR = re.compile(CURSOR_PATTERN)
+#: ``status`` of history: statuses, comma-separated (empty items ignored).
+STATUS_LIST_PATTERN = "^(|{0})(,(|{0}))*$".format("|".join(s.value for s in JobStatus))
+
+
 def encode_cursor(job: Job) -> str:
-    """An opaque cursor pointing just after ``job`` in newest-first order."""
-    raw = json.dumps([job.created_at, job.id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """A cursor pointing just after ``job`` in newest-first order."""
+    return f"{job.created_at!r}_{job.id}"
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    """The (created_at, id) a cursor points after; 400 for anything we did not mint."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        return float(created_at), str(uuid.UUID(job_id))
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise HTTPProblem(
-            400, "cursor is not one this service issued", code="VALIDATION_ERROR"
-        ) from exc
+    """The (created_at, id) a cursor points after; 400 for anything else."""
+    if not _CURSOR.match(cursor):
+        raise HTTPProblem(400, "cursor is not one this service issued", code="VALIDATION_ERROR")
+    created_at, _, job_id = cursor.partition("_")
+    return float(created_at), job_id
 
 
 def history_query(request: web.Request) -> HistoryQuery:
@@ -554,21 +577,30 @@ def history_query(request: web.Request) -> HistoryQuery:
     return HistoryQuery.model_validate(data)
 
 
-# Registered before /v1/download/{job_id}, which would otherwise take "history" as an id.
 @routes.get("/v1/download/history")
 @doc(
     "The caller's jobs, newest first",
     tag="downloads",
     params=[
-        Param("userId", "query", "Only this user's jobs"),
+        Param(
+            "userId",
+            "query",
+            "Only this user's jobs",
+            {"type": "string", "minLength": 1, "maxLength": 200},
+        ),
         Param(
             "status",
             "query",
             "Only these statuses; repeat or comma-separate",
-            {"type": "string"},
+            {"type": "string", "pattern": STATUS_LIST_PATTERN},
         ),
         Param("limit", "query", "Page size", {"type": "integer", "minimum": 1, "maximum": 100}),
-        Param("cursor", "query", "nextCursor of the previous page"),
+        Param(
+            "cursor",
+            "query",
+            "nextCursor of the previous page",
+            {"type": "string", "pattern": CURSOR_PARAM_PATTERN},
+        ),
     ],
     responses={
         200: Resp("A page of jobs", HistoryOut),
@@ -597,7 +629,7 @@ async def history(request: web.Request) -> web.Response:
     return json_response(out, headers={hdrs.CACHE_CONTROL: "no-cache"})
 
 
-@routes.get("/v1/download/{job_id}")
+@routes.get(f"/v1/download/{JOB}")
 @doc(
     "The result: a redirect to a fresh signed URL once completed",
     tag="downloads",
@@ -651,7 +683,7 @@ async def result(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/download/cancel/{job_id}")
-@routes.delete("/v1/download/{job_id}")
+@routes.delete(f"/v1/download/{JOB}")
 @doc(
     "Cancel a queued or running job (POST .../cancel/{job_id} or DELETE .../{job_id})",
     tag="downloads",
