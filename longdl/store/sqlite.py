@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -733,31 +734,30 @@ class SQLiteStore(base.Store):
                 if existing is not None:
                     row = conn.execute(Q["get_job"], {"id": existing["job_id"]}).fetchone()
                     return Inserted(row_to_job(row), True, existing["request_hash"])
-            waiting = conn.execute(Q["queued_count"]).fetchone()
+            counts = conn.execute(Q["insert_counts"], {"client": new.client}).fetchone()
             if limits is not None:
-                _check_limits(conn, new.client, limits)
-            row = conn.execute(Q["insert_job"] + " RETURNING *", params).fetchone()
+                _check_limits(counts["queued"], counts["active"], limits)
+            claimed = claim is not None and not counts["queued"]
+            if claimed:
+                assert claim is not None
+                conn.execute(
+                    Q["insert_job_claimed"],
+                    {**params, "worker_id": claim.worker_id, "lease_until": now + claim.lease_s},
+                )
+            else:
+                conn.execute(Q["insert_job"], params)
             if idempotency_key is not None:
                 conn.execute(
                     Q["insert_key"],
                     {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
                 )
-            if claim is not None and not (waiting and waiting["n"]):
-                claimed = conn.execute(
-                    Q["claim_new"],
-                    {
-                        "id": new.id,
-                        "now": now,
-                        "worker_id": claim.worker_id,
-                        "lease_until": now + claim.lease_s,
-                    },
-                ).fetchone()
-                job = row_to_job(claimed)
+            job = _new_job(new, progress, now, claim if claimed else None)
+            if claim is not None and claimed:
                 return AfterCommit(  # the engine starts it once it is committed
                     Inserted(job, False),
                     lambda: loop.call_soon_threadsafe(claim.on_claimed, job),
                 )
-            return Inserted(row_to_job(row), False)
+            return Inserted(job, False)
 
         return await self._write(unit)
 
@@ -1082,16 +1082,40 @@ class SQLiteStore(base.Store):
         return counts
 
 
-def _check_limits(conn: sqlite3.Connection, client: str, limits: Limits) -> None:
-    """Raise if a new job would exceed ``limits``; kept counts, inside the insert's unit."""
-    queued = conn.execute(Q["queued_count"]).fetchone()
-    if queued is not None and queued["n"] >= limits.max_queued:
+def _check_limits(queued: int, active: int, limits: Limits) -> None:
+    """Raise if a new job would exceed ``limits``, given the kept counts."""
+    if queued >= limits.max_queued:
         raise exceptions.Overloaded(
             "Too many jobs are waiting; try again later", limits.queued_retry_after_s
         )
-    active = conn.execute(Q["client_active_count"], {"client": client}).fetchone()
-    if active is not None and active["n"] >= limits.max_active_per_client:
+    if active >= limits.max_active_per_client:
         raise exceptions.TooManyActiveJobs(
             f"At most {limits.max_active_per_client} unfinished jobs per caller",
             limits.active_retry_after_s,
         )
+
+
+def _new_job(new: NewJob, progress: Progress, now: float, claim: Claim | None) -> Job:
+    """The row an insert wrote, as a Job, without reading it back."""
+    return Job(
+        id=new.id,
+        kind=new.kind,
+        status=JobStatus.RUNNING if claim is not None else JobStatus.QUEUED,
+        priority=new.priority,
+        payload=new.payload,
+        attempts=1 if claim is not None else 0,
+        max_attempts=new.max_attempts,
+        progress=dataclasses.replace(progress),
+        created_at=now,
+        updated_at=now,
+        owner=new.owner,
+        client=new.client,
+        user_id=new.user_id,
+        client_request_id=new.client_request_id,
+        callback_url=new.callback_url,
+        started_at=now if claim is not None else None,
+        run_after=now,
+        expires_at=new.expires_at,
+        worker_id=claim.worker_id if claim is not None else None,
+        lease_expires_at=now + claim.lease_s if claim is not None else None,
+    )

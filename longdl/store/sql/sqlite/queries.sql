@@ -34,8 +34,10 @@ SELECT status, n FROM job_counts;
 -- name: queued_count
 SELECT n FROM job_counts WHERE status = 'queued';
 
--- name: client_active_count
-SELECT n FROM client_active WHERE client = :client;
+-- name: insert_counts
+-- What an insert checks, in one statement: jobs waiting, and the caller's unfinished ones.
+SELECT coalesce((SELECT n FROM job_counts WHERE status = 'queued'), 0) AS queued,
+       coalesce((SELECT n FROM client_active WHERE client = :client), 0) AS active;
 
 -- name: next_run_after
 -- One seek per priority: min() over the whole claim index would walk every queued job.
@@ -59,6 +61,15 @@ INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, p
                   updated_at, run_after, expires_at)
 VALUES (:id, :kind, 'queued', :priority, :payload, 0, :max_attempts, :progress, :owner,
         :client, :user_id, :client_request_id, :callback_url, :now, :now, :now, :expires_at);
+
+-- name: insert_job_claimed
+-- A job claimed by the transaction that inserts it (nothing else was waiting).
+INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, progress,
+                  owner, client, user_id, client_request_id, callback_url, created_at,
+                  updated_at, started_at, run_after, expires_at, worker_id, lease_expires_at)
+VALUES (:id, :kind, 'running', :priority, :payload, 1, :max_attempts, :progress, :owner,
+        :client, :user_id, :client_request_id, :callback_url, :now, :now, :now, :now,
+        :expires_at, :worker_id, :lease_until);
 
 -- name: insert_key
 INSERT INTO idempotency_keys (owner, key, request_hash, job_id, created_at)
@@ -91,14 +102,6 @@ UPDATE jobs
                WHERE status = 'queued' AND run_after <= :now
                ORDER BY priority DESC, run_after, created_at
                LIMIT :limit)
-RETURNING *;
-
--- name: claim_new
--- A job claimed in the transaction that inserts it (nothing else was waiting).
-UPDATE jobs
-   SET status = 'running', attempts = attempts + 1, started_at = :now, updated_at = :now,
-       worker_id = :worker_id, lease_expires_at = :lease_until
- WHERE id = :id AND status = 'queued'
 RETURNING *;
 
 -- name: save_progress
