@@ -598,15 +598,19 @@ class Engine:
         """Claim and start up to ``free`` jobs; when there are none, wait until one is
         due, we are woken, or IDLE_POLL_S passes. Returns how many started."""
         self._wakeup.clear()
-        async with self._lock:
-            if self._stopping:
-                return 0
-            jobs = await self.store.claim(self.worker_id, self.settings.lease_s, free)
-            for job in jobs:
-                self._start(job)
-        if jobs:
-            return len(jobs)
+        # A read first: a claim is a write, and most wake-ups (a slot freed, a job
+        # submitted and claimed by its own insert) find nothing to take.
         next_at = await self.store.next_run_after()
+        if next_at is not None and next_at <= time.time():
+            async with self._lock:
+                if self._stopping:
+                    return 0
+                jobs = await self.store.claim(self.worker_id, self.settings.lease_s, free)
+                for job in jobs:
+                    self._start(job)
+            if jobs:
+                return len(jobs)
+            next_at = await self.store.next_run_after()  # taken by another process
         timeout_s = IDLE_POLL_S if next_at is None else max(0.0, next_at - time.time())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(timeout_s, IDLE_POLL_S)):
