@@ -224,6 +224,13 @@ class Settings(BaseSettings):
     max_queued: int = Field(default=10_000, ge=1)
     #: Unfinished jobs one caller may have.
     max_active_per_user: int = Field(default=100, ge=1)
+    #: Open connections at once; one more is answered 503 and closed. Each needs a file
+    #: descriptor: keep it under the process's open-files limit (``ulimit -n``).
+    max_connections: int = Field(default=1000, ge=1)
+    #: A connection that has not sent a complete request within this long (a new one, or
+    #: an idle keep-alive one) is closed, so slow clients cannot hold connections. A proxy
+    #: in front should close its idle upstream connections sooner.
+    http_keepalive_s: float = Field(default=15.0, gt=0)
 
     #: Rate limit window (ms), as in the original service.
     rate_limit_window_ms: int = Field(default=60_000, ge=1)
