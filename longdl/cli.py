@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 import longdl
-from longdl import cli_client, config
+from longdl import cli_client, config, exceptions
 from longdl import storage as storage_backends
 from longdl.config import Settings, check_replica_secrets
 from longdl.seed import DEMO_FILE_IDS, seed
@@ -331,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"longdl: {problem}", file=sys.stderr)
             return 2
-    if args.command == "serve":
-        return cmd_serve(settings)
-    return cmd_seed(settings, args.file_ids)
+    try:
+        if args.command == "serve":
+            return cmd_serve(settings)
+        return cmd_seed(settings, args.file_ids)
+    except exceptions.InvalidSecret as exc:  # found at start-up, before the port is bound
+        print(f"longdl: {exc}", file=sys.stderr)
+        return 2

@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from longdl import exceptions
-from longdl.config import load_or_create_secret_file
+from longdl.config import MIN_SIGNING_SECRET_CHARS, load_or_create_secret_file
 from longdl.storage.base import (
     ObjectInfo,
     Partial,
@@ -45,9 +45,31 @@ def _storage_error(exc: OSError) -> exceptions.StorageUnavailable:
     return exceptions.StorageUnavailable(str(exc))
 
 
+#: Bytes of a generated URL-signing key (kept as hex in DATA_DIR/signing.key).
+SECRET_BYTES = 32
+
+
 def load_or_create_secret(path: Path) -> bytes:
-    """The URL-signing secret kept at ``path`` (hex), created (mode 0600) the first time."""
-    return bytes.fromhex(load_or_create_secret_file(path, lambda: secrets.token_bytes(32).hex()))
+    """The URL-signing secret kept at ``path`` (hex), created (mode 0600) the first time.
+
+    Raises:
+        exceptions.InvalidSecret: the file is empty, short or not hex.
+    """
+    text = load_or_create_secret_file(
+        path, lambda: secrets.token_bytes(SECRET_BYTES).hex(), _check_hex_key
+    )
+    return bytes.fromhex(text)
+
+
+def _check_hex_key(text: str) -> None:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("it is not a hex key") from None
+    if len(key) * 2 < MIN_SIGNING_SECRET_CHARS:
+        raise ValueError(
+            f"its key is {len(key)} bytes; at least {MIN_SIGNING_SECRET_CHARS // 2} are needed"
+        )
 
 
 class LocalStorage(Storage):
