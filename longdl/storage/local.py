@@ -248,13 +248,17 @@ class LocalStorage(Storage):
             exceptions.InvalidSignature: bad or expired signature.
             exceptions.ObjectNotFound: unsafe key.
         """
+        path = self.path_of(key)
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 20):
+            raise exceptions.InvalidSignature("malformed expiry")
+        expires_at = int(expires)
         try:
-            expires_at = int(expires)
-        except ValueError as exc:
-            raise exceptions.InvalidSignature("malformed expiry") from exc
-        expected = self._signature(key, expires_at, filename)
-        if not hmac.compare_digest(expected, signature):
+            expected = self._signature(key, expires_at, filename).encode()
+        except UnicodeEncodeError:  # undecodable bytes: no URL we signed carries them
+            raise exceptions.InvalidSignature("malformed filename") from None
+        # As bytes: compare_digest refuses str with non-ASCII characters.
+        if not hmac.compare_digest(expected, signature.encode("utf-8", "surrogateescape")):
             raise exceptions.InvalidSignature("signature does not match")
         if expires_at < self._clock():
             raise exceptions.InvalidSignature("link expired")
-        return self.path_of(key)
+        return path

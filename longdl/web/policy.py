@@ -272,9 +272,12 @@ class Policy:
 
     def key_name(self, token: str) -> str | None:
         """The name of the API key ``token``, comparing every key in constant time."""
+        # Header bytes that are not UTF-8 arrive as surrogates; surrogateescape gives the
+        # bytes back (they match no key) instead of raising.
+        sent = token.encode("utf-8", "surrogateescape")
         found = None
         for key, name in self.api_keys.items():
-            if hmac.compare_digest(key.encode(), token.encode()):
+            if hmac.compare_digest(key.encode(), sent):
                 found = name
         return found
 
@@ -311,7 +314,11 @@ async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _safe_request_id(value: str) -> bool:
-    return 0 < len(value) <= 128 and all(c.isalnum() or c in "._:-" for c in value)
+    """Whether an incoming request id may be echoed (and logged): short, ASCII letters,
+    digits and ``._:-``, nothing a header or a log line could trip on."""
+    return 0 < len(value) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "._:-") for c in value
+    )
 
 
 @web.middleware
