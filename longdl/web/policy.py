@@ -44,8 +44,44 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("longdl.web")
 
-#: Headers a proxy or tunnel adds; their presence means the caller is not local.
-FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "CF-Connecting-IP")
+#: Headers a proxy, load balancer, CDN or tunnel adds on the way to us: any of them means
+#: the caller is not local, whatever its address or Host (DESIGN.md §3 lists them too).
+PROXY_HEADERS = frozenset(
+    {
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "x-original-forwarded-for",
+        "fastly-client-ip",
+        "cdn-loop",
+    }
+)
+#: Families of such headers: every X-Forwarded-* (For, Host, Proto, Port, Prefix, ...),
+#: Cloudflare's CF-* (CF-Connecting-IP, CF-Ray, CF-Visitor), AWS's X-Amzn-*, Envoy's
+#: X-Envoy-*, Fly.io's Fly-*, Vercel's X-Vercel-*, Azure Front Door's X-Azure-*,
+#: Google's X-AppEngine-*, Tailscale Funnel's Tailscale-*.
+PROXY_HEADER_PREFIXES = (
+    "x-forwarded-",
+    "cf-",
+    "x-amzn-",
+    "x-envoy-",
+    "fly-",
+    "x-vercel-",
+    "x-azure-",
+    "x-appengine-",
+    "tailscale-",
+)
+
+
+def is_proxy_header(name: str) -> bool:
+    """Whether a request header named ``name`` was added by a proxy or tunnel."""
+    lowered = name.lower()
+    return lowered in PROXY_HEADERS or lowered.startswith(PROXY_HEADER_PREFIXES)
+
 
 #: /v1 routes a polling client hits repeatedly; they get the larger RATE_LIMIT_POLL budget,
 #: as does every route outside /v1 (see :func:`budget_of`).
@@ -144,11 +180,12 @@ def origin_host(value: str | None) -> str | None:
 def is_local_caller(request: web.Request, sync_origins: Iterable[str]) -> bool:
     """Whether the synchronous mode may answer this caller (DESIGN.md §3).
 
-    Anything that came through a proxy or tunnel is remote, whatever Host says. Then a
-    caller is local when its Origin (or Referer) host is allowed, or when it sent neither
-    and connected from loopback.
+    Anything bearing a header a proxy or tunnel adds is remote, whatever Host says. Then
+    a caller is local when its Origin (or Referer) host is allowed, or when it sent
+    neither and connected from loopback. A forged Origin gains nothing ``Prefer: wait``
+    does not give anyone: its own request held for at most SYNC_WAIT_MAX_S.
     """
-    if any(name in request.headers for name in FORWARDING_HEADERS):
+    if any(is_proxy_header(name) for name in request.headers):
         return False
     allowed = {origin.strip("[]").lower() for origin in sync_origins}
     raw_origin = request.headers.get(hdrs.ORIGIN) or request.headers.get(hdrs.REFERER)
