@@ -343,6 +343,10 @@ class Settings(BaseSettings):
     cors_origins: CsvList = Field(default_factory=lambda: ["*"])
     #: API keys as name:key pairs; when set, /v1 requires a Bearer key.
     api_keys: CsvList = Field(default_factory=list)
+    #: Wrong API keys (or metrics tokens) per window per address, then 429 until it resets.
+    rate_limit_auth_failures: int = Field(default=10, ge=1)
+    #: Bearer token for /metrics (API keys work there too); when set, /metrics needs one.
+    metrics_token: str | None = None
 
     #: Secret signing webhook deliveries (Standard Webhooks; a key of 24 bytes at least).
     webhook_secret: str | None = None
@@ -395,7 +399,7 @@ class Settings(BaseSettings):
         return value
 
     # An empty variable (``SIGNING_SECRET=`` in a compose file) means unset: generated.
-    @field_validator("signing_secret", "webhook_secret", mode="before")
+    @field_validator("signing_secret", "webhook_secret", "metrics_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

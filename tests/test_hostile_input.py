@@ -82,8 +82,9 @@ async def test_an_undecodable_filename_or_huge_expiry_is_403(client: TestClient[
 async def test_a_bearer_token_that_is_not_utf8_is_401(
     make_client: AppFactory, caplog: pytest.LogCaptureFixture, token: bytes
 ) -> None:
-    """A Bearer token of arbitrary bytes is a 401 problem, not a 500."""
+    """A Bearer token of arbitrary bytes is a 401 problem (logged in one line)."""
     client = await make_client(**KEYS)
+    caplog.set_level(logging.INFO, "longdl.web")
 
     response = await send(
         client, "GET", b"/v1/download/history", [(b"Authorization", b"Bearer " + token)]
@@ -93,6 +94,7 @@ async def test_a_bearer_token_that_is_not_utf8_is_401(
     assert "UNAUTHORIZED" == response.json()["code"]
     assert "bearer" in response.headers["www-authenticate"].lower()
     assert_no_traceback(caplog)
+    assert any("auth.refused" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,76 @@ async def test_a_forged_origin_through_a_proxy_does_not_wait_at_all(
     )
     assert 202 == response.status
     assert "queued" == (await response.json())["status"]
+
+
+# --- key guessing -------------------------------------------------------------------------
+
+
+async def test_wrong_keys_beyond_the_budget_get_429_with_retry_after(
+    make_client: AppFactory,
+) -> None:
+    """Three wrong keys are 401; the fourth attempt, even with a valid key, is 429."""
+    client = await make_client(rate_limit_auth_failures=3, **KEYS)
+    wrong = [
+        await client.get("/v1/download/history", headers={"Authorization": f"Bearer guess-{i}"})
+        for i in range(3)
+    ]
+    refused = await client.get("/v1/download/history", headers={"Authorization": "Bearer guess"})
+    valid = await client.get("/v1/download/history", headers=ALICE)
+
+    assert [401] * 3 == [r.status for r in wrong]
+    assert (429, 429) == (refused.status, valid.status)
+    assert "TOO_MANY_AUTH_FAILURES" == (await valid.json())["code"]
+    assert 1 <= int(valid.headers["Retry-After"]) <= 60
+
+
+async def test_key_failures_count_per_address(make_client: AppFactory) -> None:
+    """One address guessing does not lock out another (behind a trusted proxy)."""
+    client = await make_client(rate_limit_auth_failures=2, trusted_proxies=["127.0.0.0/8"], **KEYS)
+    for _ in range(3):
+        await client.get(
+            "/v1/download/history",
+            headers={"Authorization": "Bearer guess", "X-Forwarded-For": "198.51.100.1"},
+        )
+    other = await client.get(
+        "/v1/download/history", headers={**ALICE, "X-Forwarded-For": "198.51.100.2"}
+    )
+    assert 200 == other.status
+
+
+async def test_requests_without_a_key_do_not_use_the_budget(make_client: AppFactory) -> None:
+    """A client that has not sent a key yet (a page asking for one) is not guessing."""
+    client = await make_client(rate_limit_auth_failures=2, **KEYS)
+    missing = [await client.get("/v1/download/history") for _ in range(5)]
+    valid = await client.get("/v1/download/history", headers=ALICE)
+    assert ([401] * 5, 200) == ([r.status for r in missing], valid.status)
+
+
+# --- /metrics -----------------------------------------------------------------------------
+
+
+async def test_metrics_need_a_key_when_api_keys_are_set(make_client: AppFactory) -> None:
+    """With API_KEYS, /metrics without a key is a 401 problem; with one it is served."""
+    client = await make_client(**KEYS)
+    anonymous = await client.get("/metrics")
+    keyed = await client.get("/metrics", headers=ALICE)
+    assert (401, 200) == (anonymous.status, keyed.status)
+    assert "application/problem+json" == anonymous.content_type
+    assert "longdl_queue_depth" in await keyed.text()
+
+
+async def test_metrics_token_opens_metrics_and_nothing_else(make_client: AppFactory) -> None:
+    """METRICS_TOKEN lets a scraper in to /metrics only; a wrong token is 401."""
+    token = {"Authorization": "Bearer scrape-token-0123456789"}
+    client = await make_client(metrics_token="scrape-token-0123456789", **KEYS)
+    scraped = await client.get("/metrics", headers=token)
+    wrong = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
+    api = await client.get("/v1/download/history", headers=token)
+    assert (200, 401, 401) == (scraped.status, wrong.status, api.status)
+
+
+async def test_metrics_token_alone_guards_metrics_in_open_mode(make_client: AppFactory) -> None:
+    """Without API keys, METRICS_TOKEN still keeps /metrics private; /v1 stays open."""
+    client = await make_client(metrics_token="scrape-token-0123456789")
+    assert 401 == (await client.get("/metrics")).status
+    assert 200 == (await client.get("/v1/download/history")).status
