@@ -184,3 +184,31 @@ async def test_metrics_token_alone_guards_metrics_in_open_mode(make_client: AppF
     client = await make_client(metrics_token="scrape-token-0123456789")
     assert 401 == (await client.get("/metrics")).status
     assert 200 == (await client.get("/v1/download/history")).status
+
+
+# --- open-mode history ----------------------------------------------------------------------
+
+
+async def test_open_mode_history_lists_only_the_callers_own_jobs(make_client: AppFactory) -> None:
+    """Without keys, each address sees its own jobs in history and nobody else's."""
+    client = await make_client(trusted_proxies=["127.0.0.0/8"])
+
+    def address(ip: str) -> dict[str, str]:
+        return {"X-Forwarded-For": ip}
+
+    first = await initiate_from(client, "198.51.100.1", [70000])
+    second = await initiate_from(client, "198.51.100.2", [70007])
+    listed = {}
+    for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
+        page = await (await client.get("/v1/download/history", headers=address(ip))).json()
+        listed[ip] = [item["jobId"] for item in page["items"]]
+
+    assert {"198.51.100.1": [first], "198.51.100.2": [second], "198.51.100.3": []} == listed
+
+
+async def initiate_from(client: TestClient[Any, Any], ip: str, file_ids: list[int]) -> str:
+    response = await client.post(
+        "/v1/download/initiate", json={"file_ids": file_ids}, headers={"X-Forwarded-For": ip}
+    )
+    assert 202 == response.status
+    return str((await response.json())["jobId"])
