@@ -5,13 +5,18 @@ files keep server details private."""
 from __future__ import annotations
 
 import asyncio
+import re
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import AppFactory
+from conftest import AppFactory, finished, initiate
+
+from longdl.engine import Artifact, JobContext
+from longdl.web import keys
 
 SLOW = {
     "download_delay_enabled": True,
@@ -212,3 +217,47 @@ async def initiate_from(client: TestClient[Any, Any], ip: str, file_ids: list[in
     )
     assert 202 == response.status
     return str((await response.json())["jobId"])
+
+
+# --- what clients and other users see -------------------------------------------------------
+
+
+async def test_a_job_error_keeps_server_paths_out_and_logs_them(
+    make_client: AppFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Local storage failing with an OSError fails the job with a reason that names no
+    server path; the log has the full error."""
+
+    async def long_name(ctx: JobContext) -> Artifact:
+        # A name longer than any filesystem allows: stat() raises a real ENAMETOOLONG.
+        await ctx.storage.head(f"downloads/{'x' * 300}.zip")
+        raise AssertionError("head() should have raised")
+
+    client = await make_client(handlers={"long_name": long_name}, max_attempts=1)
+    inserted = await client.app[keys.ENGINE].submit("long_name", {}, owner="")
+
+    body = await finished(client, inserted.job.id)
+
+    assert ("failed", "STORAGE_UNAVAILABLE") == (body["status"], body["error"]["code"])
+    assert "File name too long" in body["error"]["message"]
+    assert str(tmp_path) not in str(body)
+    assert str(tmp_path) in caplog.text
+
+
+async def test_stored_files_and_folders_are_private_to_the_service_user(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    """Source files, bundles and their folders are created 0600 / 0700."""
+    client = await make_client()
+    await finished(client, await initiate(client, [70000, 70007]))
+    root = client.app[keys.SETTINGS].storage_dir
+
+    modes = {
+        str(path.relative_to(root)): stat.S_IMODE(path.stat().st_mode)
+        for path in [root, *root.rglob("*")]
+    }
+
+    assert 0o700 == modes["."]
+    assert {0o700} == {mode for name, mode in modes.items() if (root / name).is_dir()}
+    assert {0o600} == {mode for name, mode in modes.items() if (root / name).is_file()}
+    assert any(re.fullmatch(r"bundles/[0-9a-f-]{36}\.zip", name) for name in modes)
