@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -22,9 +23,11 @@ from typing import Any
 
 import pydantic
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
 
 import longdl
-from longdl import cli_client, config
+from longdl import cli_client, config, exceptions
 from longdl import storage as storage_backends
 from longdl.config import Settings, check_replica_secrets
 from longdl.seed import DEMO_FILE_IDS, seed
@@ -99,22 +102,163 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    http_log = logging.getLogger(HTTP_LOGGER)
+    if not any(isinstance(f, ClientErrorsInOneLine) for f in http_log.filters):
+        http_log.addFilter(ClientErrorsInOneLine())
+
+
+#: The logger aiohttp's connection handlers report to (``aiohttp.server`` otherwise).
+HTTP_LOGGER = "longdl.http"
+
+
+class ClientErrorsInOneLine(logging.Filter):
+    """aiohttp answers a malformed request (bad bytes in the request line or a header)
+    with a 400 itself, and logs it at ERROR with a traceback. It is the client's
+    mistake, not ours: keep it as one INFO line, so a traceback in the log always means
+    a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
+            reason = (exc.message or type(exc).__name__).strip().splitlines()[0]
+            record.msg = f"{record.getMessage()}: {exc.code or 400} {reason!r}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+#: Seconds aiohttp keeps reading (and dropping) a request body it did not need after the
+#: answer went out; its default of 10 lets a slow sender hold the connection longer.
+LINGERING_S = 2.0
+#: How long a connection refused over MAX_CONNECTIONS may take to read its 503.
+REFUSED_GRACE_S = 1.0
+
+log = logging.getLogger("longdl")
 
 
 def run(app: web.Application, settings: Settings) -> None:
-    """Serve ``app`` as ``longdl serve`` does (logging, SIGTERM handling, shutdown grace);
-    applications with their own job kinds serve their app with this too."""
+    """Serve ``app`` as ``longdl serve`` does (logging, SIGTERM handling, shutdown grace,
+    connection limits); applications with their own job kinds serve their app with this
+    too.
+
+    This is ``web.run_app``'s loop handling, with a listening site of our own: aiohttp has
+    no setting for a connection cap. SIGTERM or SIGINT stop it gracefully.
+    """
     _configure_logging(settings.log_level)
-    web.run_app(
+    loop = asyncio.new_event_loop()
+    main_task = loop.create_task(_serve(app, settings), name="longdl serve")
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main_task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            # Cancel the server first, so the app's cleanup (the engine's grace for
+            # running jobs) runs while every other task is still alive.
+            if not main_task.done():
+                main_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main_task)
+        finally:
+            others = asyncio.all_tasks(loop)
+            for task in others:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*others, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    runner = web.AppRunner(
         app,
-        host=settings.host,
-        port=settings.port,
+        handle_signals=True,
         # Open requests get the same grace as running jobs, at the same time (app.py), so a
         # stop takes about SHUTDOWN_GRACE_S in all, inside a container engine's 10 s.
         shutdown_timeout=settings.shutdown_grace_s,
         access_log=None,
-        print=lambda text: logging.getLogger("longdl").info("%s", text.strip().replace("\n", " ")),
+        keepalive_timeout=settings.http_keepalive_s,
+        lingering_time=LINGERING_S,
+        logger=logging.getLogger(HTTP_LOGGER),
     )
+    try:
+        # Inside the try: a resource that fails to open (a refused secret) must still
+        # close the ones opened before it, or their threads keep the process alive.
+        await runner.setup()
+        site = CappedSite(runner, settings.host, settings.port, settings.max_connections)
+        await site.start()
+        log.info(
+            "======== Running on %s ======== max_connections=%d keepalive_s=%g",
+            site.name,
+            settings.max_connections,
+            settings.http_keepalive_s,
+        )
+        await asyncio.Event().wait()  # until a signal raises GracefulExit
+    finally:
+        await runner.cleanup()
+
+
+_OVER_CAPACITY_BODY = (
+    b'{"type":"https://longdl.dev/problems/too-many-connections",'
+    b'"title":"Service Unavailable","status":503,"code":"TOO_MANY_CONNECTIONS",'
+    b'"detail":"The service has MAX_CONNECTIONS open connections; try again"}'
+)
+#: What a connection over MAX_CONNECTIONS gets before it is closed.
+OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/problem+json\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(_OVER_CAPACITY_BODY)
+) + _OVER_CAPACITY_BODY
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: answer 503, stop sending, drop whatever it sends, and
+    close once the client does (or after REFUSED_GRACE_S)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(OVER_CAPACITY)
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(REFUSED_GRACE_S, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # its request: not read, not answered
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+
+class CappedSite(web.BaseSite):
+    """A TCP site that serves at most ``max_connections`` connections at once; each one
+    beyond gets a 503 problem and is closed, so idle or slow clients cannot take every
+    file descriptor."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._max_connections = max_connections
+
+    @property
+    def name(self) -> str:
+        return str(URL.build(scheme="http", host=self._host, port=self._port))
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None, "start the site after runner.setup()"
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= self._max_connections:
+                return _Refused()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(protocol, self._host, self._port)
 
 
 def data_dir_problem(path: Path) -> str | None:
@@ -187,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             print(f"longdl: {problem}", file=sys.stderr)
             return 2
-    if args.command == "serve":
-        return cmd_serve(settings)
-    return cmd_seed(settings, args.file_ids)
+    try:
+        if args.command == "serve":
+            return cmd_serve(settings)
+        return cmd_seed(settings, args.file_ids)
+    except exceptions.InvalidSecret as exc:  # found at start-up, before the port is bound
+        print(f"longdl: {exc}", file=sys.stderr)
+        return 2

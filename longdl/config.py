@@ -6,14 +6,20 @@ Names follow the original Delineate service where it had them (``PORT``, ``S3_*`
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import ipaddress
 import os
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from longdl import exceptions
 
 
 def _split_csv(value: object) -> object:
@@ -50,18 +56,97 @@ def parse_api_keys(entries: Iterable[str]) -> dict[str, str]:
     return by_key
 
 
-def load_or_create_secret_file(path: Path, generate: Callable[[], str]) -> str:
-    """The secret kept in ``path`` (stripped), or a new one from ``generate`` written
-    there the first time, readable by this user only (mode 0600)."""
+#: Shortest SIGNING_SECRET accepted: an HMAC key anyone could guess forges every URL.
+MIN_SIGNING_SECRET_CHARS = 32
+#: Shortest webhook key (bytes) accepted; Standard Webhooks asks for 24 to 64.
+MIN_WEBHOOK_SECRET_BYTES = 24
+#: Prefix of a serialized Standard Webhooks symmetric secret.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def webhook_key_bytes(secret: str) -> bytes:
+    """The HMAC key of a webhook secret: ``whsec_<base64>`` decoded, else its UTF-8 bytes.
+
+    Raises:
+        ValueError: ``whsec_`` is not followed by base64.
+    """
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return secret.encode()
+    encoded = secret[len(WEBHOOK_SECRET_PREFIX) :]
     try:
-        return path.read_text().strip()
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error as exc:
+        raise ValueError("a whsec_ webhook secret must be base64 after its prefix") from exc
+
+
+def check_signing_secret(secret: str) -> None:
+    """Raise ``ValueError`` unless ``secret`` is long enough to sign URLs with."""
+    if len(secret) < MIN_SIGNING_SECRET_CHARS:
+        raise ValueError(
+            f"the URL-signing secret is {len(secret)} characters; "
+            f"at least {MIN_SIGNING_SECRET_CHARS} are needed"
+        )
+
+
+def check_webhook_secret(secret: str) -> None:
+    """Raise ``ValueError`` unless ``secret`` makes a webhook key of at least 24 bytes."""
+    size = len(webhook_key_bytes(secret))
+    if size < MIN_WEBHOOK_SECRET_BYTES:
+        raise ValueError(
+            f"the webhook secret is {size} bytes; at least {MIN_WEBHOOK_SECRET_BYTES} are needed"
+        )
+
+
+def load_or_create_secret_file(
+    path: Path, generate: Callable[[], str], check: Callable[[str], None]
+) -> str:
+    """The secret kept in ``path`` (stripped), or a new one from ``generate`` written
+    there the first time, readable by this user only (mode 0600).
+
+    The file appears whole or not at all: the secret is written to a temporary file,
+    flushed to disk, then linked into place, which fails if another process (a
+    ``longdl seed`` and a ``longdl serve`` starting together) got there first; both then
+    use the first one's secret. A file already there is used only if ``check`` accepts
+    it: an empty or short key would let anyone forge signatures.
+
+    Raises:
+        exceptions.InvalidSecret: the file holds a secret ``check`` refuses, with what to do.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _checked_secret(path, path.read_text().strip(), check)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = generate()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, (generate() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # link, not rename: it never replaces a secret another process already uses.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return _checked_secret(path, path.read_text().strip(), check)
+
+
+def _checked_secret(path: Path, secret: str, check: Callable[[str], None]) -> str:
+    try:
+        if not secret:
+            # What a start before atomic writes could leave when it died mid-write.
+            raise ValueError("it is empty")
+        check(secret)
+    except ValueError as exc:
+        raise exceptions.InvalidSecret(
+            f"{path} cannot be used: {exc}. Nothing was signed with it that should be "
+            "trusted: delete the file to have a new secret generated at the next start "
+            "(links and webhooks signed before are then refused), or set the secret in "
+            "the environment"
+        ) from exc
     return secret
 
 
@@ -108,6 +193,15 @@ def describe_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable (a crash right after keeps the file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Settings(BaseSettings):
     """Every knob of the service; the defaults run it with zero configuration."""
 
@@ -138,7 +232,8 @@ class Settings(BaseSettings):
     #: Folder of the local storage backend (DATA_DIR/storage when unset); replicas share
     #: local storage by mounting one folder here on each.
     local_storage_dir: Path | None = None
-    #: HMAC secret for local signed URLs; generated once into DATA_DIR when unset.
+    #: HMAC secret for local signed URLs (32 characters at least); generated once into
+    #: DATA_DIR when unset.
     signing_secret: str | None = None
     #: Lifetime of a signed download URL.
     signed_url_ttl_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
@@ -224,6 +319,13 @@ class Settings(BaseSettings):
     max_queued: int = Field(default=10_000, ge=1)
     #: Unfinished jobs one caller may have.
     max_active_per_user: int = Field(default=100, ge=1)
+    #: Open connections at once; one more is answered 503 and closed. Each needs a file
+    #: descriptor: keep it under the process's open-files limit (``ulimit -n``).
+    max_connections: int = Field(default=1000, ge=1)
+    #: A connection that has not sent a complete request within this long (a new one, or
+    #: an idle keep-alive one) is closed, so slow clients cannot hold connections. A proxy
+    #: in front should close its idle upstream connections sooner.
+    http_keepalive_s: float = Field(default=15.0, gt=0)
 
     #: Rate limit window (ms), as in the original service.
     rate_limit_window_ms: int = Field(default=60_000, ge=1)
@@ -241,8 +343,12 @@ class Settings(BaseSettings):
     cors_origins: CsvList = Field(default_factory=lambda: ["*"])
     #: API keys as name:key pairs; when set, /v1 requires a Bearer key.
     api_keys: CsvList = Field(default_factory=list)
+    #: Wrong API keys (or metrics tokens) per window per address, then 429 until it resets.
+    rate_limit_auth_failures: int = Field(default=10, ge=1)
+    #: Bearer token for /metrics (API keys work there too); when set, /metrics needs one.
+    metrics_token: str | None = None
 
-    #: Secret signing webhook deliveries (Standard Webhooks).
+    #: Secret signing webhook deliveries (Standard Webhooks; a key of 24 bytes at least).
     webhook_secret: str | None = None
     #: Private or loopback hosts webhooks may still target.
     webhook_allow_hosts: CsvList = Field(default_factory=list)
@@ -290,6 +396,26 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_api_keys(cls, value: list[str]) -> list[str]:
         parse_api_keys(value)
+        return value
+
+    # An empty variable (``SIGNING_SECRET=`` in a compose file) means unset: generated.
+    @field_validator("signing_secret", "webhook_secret", "metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _long_signing_secret(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_signing_secret(value)
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _long_webhook_secret(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_webhook_secret(value)
         return value
 
     @model_validator(mode="after")

@@ -18,7 +18,8 @@
     │   └── TooManyActiveJobs      one caller has too many unfinished jobs
     ├── InvalidSignature           a signed URL was tampered with or expired
     ├── WebhookTargetRefused       a callback URL points at a private or loopback address
-    └── InvalidWebhook             a webhook's signature or timestamp does not verify
+    ├── InvalidWebhook             a webhook's signature or timestamp does not verify
+    └── InvalidSecret              a secret in DATA_DIR is empty, short or malformed
 """
 
 from __future__ import annotations
@@ -123,3 +124,8 @@ class WebhookTargetRefused(LongdlError):
 
 class InvalidWebhook(LongdlError):
     """A received webhook's headers, timestamp or signature do not verify."""
+
+
+class InvalidSecret(LongdlError):
+    """A secret kept in DATA_DIR cannot be used (empty, short or malformed); the service
+    refuses to start rather than sign with it. The message says what to do."""

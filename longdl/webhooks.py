@@ -52,7 +52,14 @@ from yarl import URL
 
 import longdl
 from longdl import exceptions, retry
-from longdl.config import Settings, load_or_create_secret_file
+from longdl.config import (
+    MIN_WEBHOOK_SECRET_BYTES,
+    WEBHOOK_SECRET_PREFIX,
+    Settings,
+    check_webhook_secret,
+    load_or_create_secret_file,
+    webhook_key_bytes,
+)
 from longdl.models import Job, JobStatus, LinksOut, utc_iso
 from longdl.store import DeliveryStatus, Store, WebhookDelivery
 from longdl.web import keys, render
@@ -60,13 +67,13 @@ from longdl.web import keys, render
 log = logging.getLogger("longdl.webhooks")
 
 #: Prefix of a serialized Standard Webhooks symmetric secret.
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = WEBHOOK_SECRET_PREFIX
 #: File in DATA_DIR holding the generated secret.
 SECRET_FILE = "webhook-secret"
 #: How far a received webhook's timestamp may be from now (the spec's 5 minutes).
 DEFAULT_TOLERANCE_S = 300.0
-#: The spec asks for symmetric secrets of at least 24 bytes.
-MIN_SECRET_BYTES = 24
+#: The spec asks for symmetric secrets of at least 24 bytes (shorter ones are refused).
+MIN_SECRET_BYTES = MIN_WEBHOOK_SECRET_BYTES
 #: Time limit of resolving a callback host at initiate time.
 RESOLVE_TIMEOUT_S = 5.0
 
@@ -88,16 +95,7 @@ def signing_key(secret: str | bytes) -> bytes:
     Raises:
         ValueError: the secret is empty, or ``whsec_`` is not followed by base64.
     """
-    if isinstance(secret, bytes):
-        key = secret
-    elif secret.startswith(SECRET_PREFIX):
-        encoded = secret[len(SECRET_PREFIX) :]
-        try:
-            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        except binascii.Error as exc:
-            raise ValueError("a whsec_ webhook secret must be base64 after its prefix") from exc
-    else:
-        key = secret.encode()
+    key = secret if isinstance(secret, bytes) else webhook_key_bytes(secret)
     if not key:
         raise ValueError("the webhook secret may not be empty")
     return key
@@ -114,7 +112,7 @@ def secret_of(settings: Settings) -> str:
         log.info("webhook.secret source=WEBHOOK_SECRET")
         return settings.webhook_secret
     path = settings.data_dir / SECRET_FILE
-    secret = load_or_create_secret_file(path, new_secret)
+    secret = load_or_create_secret_file(path, new_secret, check_webhook_secret)
     log.info("webhook.secret source=%s (set WEBHOOK_SECRET to choose one)", path.resolve())
     return secret
 
@@ -724,13 +722,8 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     Registered after the engine's, so it starts after the engine and stops before it.
     """
     settings = app[keys.SETTINGS]
+    # Settings and the secret file both refuse keys under MIN_SECRET_BYTES.
     key = signing_key(secret_of(settings))
-    if len(key) < MIN_SECRET_BYTES:
-        log.warning(
-            "the webhook secret is %d bytes; Standard Webhooks asks for at least %d",
-            len(key),
-            MIN_SECRET_BYTES,
-        )
     worker = WebhookWorker(app[keys.STORE], settings, key, worker_id=app[keys.ENGINE].worker_id)
     app[WORKER] = worker
     await worker.start()

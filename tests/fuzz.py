@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,15 +50,17 @@ def run(
     seed: int,
     capture: bool = True,
     extra_args: tuple[str, ...] = (),
+    settings: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Serve longdl from ``workdir`` and run schemathesis with every check against it.
 
+    ``settings`` are more environment variables for the service (``API_KEYS``, say).
     schemathesis writes its ``.schemathesis/`` folder into ``workdir`` too.
     """
     binary = schemathesis_binary()
     if binary is None:
         raise FileNotFoundError("schemathesis is not installed (the [test] extra installs it)")
-    service = ServiceProcess(workdir / "data", LIFTED)
+    service = ServiceProcess(workdir / "data", {**LIFTED, **(settings or {})})
     service.run_cli("seed", "70000", "70007", "70014")
     asyncio.run(service.start())
     try:

@@ -28,7 +28,14 @@ from longdl.storage.s3 import MIN_PART_SIZE_BYTES, S3Storage
 #: Larger than one multipart part, so S3 takes the multipart path.
 LARGE_BYTES = MIN_PART_SIZE_BYTES + 1024 * 1024
 SMALL_BYTES = 3000
-UNSAFE_KEYS = ["../escape.zip", "downloads/../../escape.zip", "a//b.zip", ".hidden", "/abs.zip"]
+UNSAFE_KEYS = [
+    "../escape.zip",
+    "downloads/../../escape.zip",
+    "a//b.zip",
+    ".hidden",
+    "/abs.zip",
+    "downloads/70000.zip\n",
+]
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ http {{
   upstream longdl {{
 {servers}
     keepalive 64;
+    # Close idle upstream connections before longdl does (HTTP_KEEPALIVE_S, 15 s).
+    keepalive_timeout 10s;
   }}
   server {{
     listen {host}:{port};

@@ -15,7 +15,7 @@ from longdl import exceptions
 T = TypeVar("T")
 
 #: Keys are relative, slash-separated, made of safe characters, with no empty or dot segments.
-_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 MAX_KEY_LENGTH = 512
 
 
@@ -28,7 +28,8 @@ def validate_key(key: str) -> str:
     if not key or len(key) > MAX_KEY_LENGTH:
         raise exceptions.ObjectNotFound(key)
     for segment in key.split("/"):
-        if not _KEY_SEGMENT.match(segment) or segment.startswith("."):
+        # fullmatch: ``$`` would also match before a final newline ("a.zip\n").
+        if not _KEY_SEGMENT.fullmatch(segment) or segment.startswith("."):
             raise exceptions.ObjectNotFound(key)
     return key
 

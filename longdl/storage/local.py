@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -14,10 +15,11 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote, urlencode
 
 from longdl import exceptions
-from longdl.config import load_or_create_secret_file
+from longdl.config import MIN_SIGNING_SECRET_CHARS, load_or_create_secret_file
 from longdl.storage.base import (
     ObjectInfo,
     Partial,
@@ -38,16 +40,58 @@ _NO_WRITER = "-"
 _PART_FILE_WRITER = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def _storage_error(exc: OSError) -> exceptions.StorageUnavailable:
-    """A filesystem failure as the error the engine retries; a full disk says so."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return exceptions.StorageFull("No space left in local storage")
-    return exceptions.StorageUnavailable(str(exc))
+log = logging.getLogger("longdl.storage")
+
+
+#: Bytes of a generated URL-signing key (kept as hex in DATA_DIR/signing.key).
+SECRET_BYTES = 32
 
 
 def load_or_create_secret(path: Path) -> bytes:
-    """The URL-signing secret kept at ``path`` (hex), created (mode 0600) the first time."""
-    return bytes.fromhex(load_or_create_secret_file(path, lambda: secrets.token_bytes(32).hex()))
+    """The URL-signing secret kept at ``path`` (hex), created (mode 0600) the first time.
+
+    Raises:
+        exceptions.InvalidSecret: the file is empty, short or not hex.
+    """
+    text = load_or_create_secret_file(
+        path, lambda: secrets.token_bytes(SECRET_BYTES).hex(), _check_hex_key
+    )
+    return bytes.fromhex(text)
+
+
+def _check_hex_key(text: str) -> None:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("it is not a hex key") from None
+    if len(key) * 2 < MIN_SIGNING_SECRET_CHARS:
+        raise ValueError(
+            f"its key is {len(key)} bytes; at least {MIN_SIGNING_SECRET_CHARS // 2} are needed"
+        )
+
+
+#: Objects and their folders are the service user's alone: bundle names are job ids.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def _create_private(path: Path) -> BinaryIO:
+    """A new file at ``path`` open for writing, readable by this user only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def _storage_error(action: str, key: str, exc: OSError) -> exceptions.StorageUnavailable:
+    """A filesystem failure as the error the engine retries; a full disk says so.
+
+    The whole error, with server paths, goes to the log; clients see the key and the
+    reason only (a job's error carries this message).
+    """
+    log.warning("storage.local %s failed key=%s error=%s", action, key, exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exceptions.StorageFull("No space left in local storage")
+    reason = exc.strerror or type(exc).__name__
+    return exceptions.StorageUnavailable(f"could not {action} {key}: {reason}")
 
 
 class LocalStorage(Storage):
@@ -67,7 +111,7 @@ class LocalStorage(Storage):
         self._clock = clock
 
     async def open(self) -> None:
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.root.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
 
     def path_of(self, key: str) -> Path:
         """Filesystem path of ``key``; raises ``ObjectNotFound`` for an unsafe key."""
@@ -91,7 +135,7 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise exceptions.StorageUnavailable(str(exc)) from exc
+            raise _storage_error("look up", key, exc) from exc
         if not path.is_file():
             return None
         return ObjectInfo(key=key, size_bytes=stat.st_size)
@@ -103,7 +147,7 @@ class LocalStorage(Storage):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise exceptions.ObjectNotFound(key) from exc
         except OSError as exc:
-            raise exceptions.StorageUnavailable(str(exc)) from exc
+            raise _storage_error("read", key, exc) from exc
         try:
             while chunk := await asyncio.to_thread(fh.read, chunk_bytes):
                 yield chunk
@@ -122,12 +166,14 @@ class LocalStorage(Storage):
         canceled write leaves nothing, however late it comes.
         """
         path = self.path_of(key)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(
+            path.parent.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True
+        )
         writer = self.writer_id if _PART_FILE_WRITER.match(self.writer_id) else _NO_WRITER
         tmp = path.with_name(f".{path.name}.{writer}.{uuid.uuid4().hex}.part")
         size = 0
         try:
-            fh = await asyncio.to_thread(tmp.open, "wb")
+            fh = await asyncio.to_thread(_create_private, tmp)
             try:
                 async for chunk in chunks:
                     await asyncio.to_thread(fh.write, chunk)
@@ -140,7 +186,7 @@ class LocalStorage(Storage):
             )
         except OSError as exc:
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
-            raise _storage_error(exc) from exc
+            raise _storage_error("write", key, exc) from exc
         except BaseException:
             # Cancellation or the producer failing: leave nothing behind.
             with contextlib.suppress(OSError):
@@ -226,13 +272,17 @@ class LocalStorage(Storage):
             exceptions.InvalidSignature: bad or expired signature.
             exceptions.ObjectNotFound: unsafe key.
         """
+        path = self.path_of(key)
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 20):
+            raise exceptions.InvalidSignature("malformed expiry")
+        expires_at = int(expires)
         try:
-            expires_at = int(expires)
-        except ValueError as exc:
-            raise exceptions.InvalidSignature("malformed expiry") from exc
-        expected = self._signature(key, expires_at, filename)
-        if not hmac.compare_digest(expected, signature):
+            expected = self._signature(key, expires_at, filename).encode()
+        except UnicodeEncodeError:  # undecodable bytes: no URL we signed carries them
+            raise exceptions.InvalidSignature("malformed filename") from None
+        # As bytes: compare_digest refuses str with non-ASCII characters.
+        if not hmac.compare_digest(expected, signature.encode("utf-8", "surrogateescape")):
             raise exceptions.InvalidSignature("signature does not match")
         if expires_at < self._clock():
             raise exceptions.InvalidSignature("link expired")
-        return self.path_of(key)
+        return path

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from longdl.models import Job, JobStatus
 from longdl.web import keys, policy
-from longdl.web.openapi import Resp, doc
+from longdl.web.openapi import Resp, doc, problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -146,7 +146,16 @@ routes = web.RouteTableDef()
     "Prometheus metrics",
     tag="service",
     v1=False,
-    responses={200: Resp("Prometheus text format", media="text/plain", schema={"type": "string"})},
+    responses={
+        200: Resp("Prometheus text format", media="text/plain", schema={"type": "string"}),
+        401: problem(
+            "API_KEYS or METRICS_TOKEN is set and the Bearer token is missing or wrong",
+            "WWW-Authenticate",
+        ),
+        429: problem(
+            "Rate limit exceeded, or too many wrong tokens from this address", "Retry-After"
+        ),
+    },
 )
 async def metrics(request: web.Request) -> web.Response:
     app_metrics = request.app[METRICS]

@@ -24,7 +24,7 @@ from pydantic.json_schema import models_json_schema
 
 import longdl
 from longdl import models
-from longdl.web import keys
+from longdl.web import keys, policy
 
 F = TypeVar("F", bound=Callable[..., Any])
 ParamIn = Literal["path", "query", "header"]
@@ -86,6 +86,9 @@ EVERY_ROUTE_ERRORS: Mapping[int, Resp] = {
 V1_ERRORS: Mapping[int, Resp] = {
     401: problem("API_KEYS is set and the Bearer key is missing or wrong", "WWW-Authenticate"),
     **EVERY_ROUTE_ERRORS,
+    429: problem(
+        "Rate limit exceeded, or too many wrong API keys from this address", "Retry-After"
+    ),
 }
 
 
@@ -207,6 +210,7 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
         routes.append((route.resource.canonical, route.method.lower(), operation_doc))
         docs.append(operation_doc)
 
+    settings = app[keys.SETTINGS]
     refs, schemas = models_json_schema(_models(docs), ref_template="#/components/schemas/{model}")
     for path, method, operation_doc in routes:
         operation: dict[str, Any] = {
@@ -217,6 +221,8 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
         }
         if operation_doc.description:
             operation["description"] = operation_doc.description
+        # Per operation: /health, the UI, the docs and signed files never take a key.
+        operation["security"] = [{"apiKey": []}] if policy.guarded_path(path, settings) else []
         if operation_doc.params:
             operation["parameters"] = [_parameter(p) for p in operation_doc.params]
         if operation_doc.body is not None:
@@ -271,8 +277,6 @@ def build_spec(app: web.Application, *, server_url: str | None = None) -> dict[s
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
     }
-    if app[keys.SETTINGS].api_keys:
-        spec["security"] = [{"apiKey": []}]
     if server_url:
         spec["servers"] = [{"url": server_url}]
     return spec

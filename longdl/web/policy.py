@@ -44,8 +44,44 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("longdl.web")
 
-#: Headers a proxy or tunnel adds; their presence means the caller is not local.
-FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "CF-Connecting-IP")
+#: Headers a proxy, load balancer, CDN or tunnel adds on the way to us: any of them means
+#: the caller is not local, whatever its address or Host (DESIGN.md §3 lists them too).
+PROXY_HEADERS = frozenset(
+    {
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "x-original-forwarded-for",
+        "fastly-client-ip",
+        "cdn-loop",
+    }
+)
+#: Families of such headers: every X-Forwarded-* (For, Host, Proto, Port, Prefix, ...),
+#: Cloudflare's CF-* (CF-Connecting-IP, CF-Ray, CF-Visitor), AWS's X-Amzn-*, Envoy's
+#: X-Envoy-*, Fly.io's Fly-*, Vercel's X-Vercel-*, Azure Front Door's X-Azure-*,
+#: Google's X-AppEngine-*, Tailscale Funnel's Tailscale-*.
+PROXY_HEADER_PREFIXES = (
+    "x-forwarded-",
+    "cf-",
+    "x-amzn-",
+    "x-envoy-",
+    "fly-",
+    "x-vercel-",
+    "x-azure-",
+    "x-appengine-",
+    "tailscale-",
+)
+
+
+def is_proxy_header(name: str) -> bool:
+    """Whether a request header named ``name`` was added by a proxy or tunnel."""
+    lowered = name.lower()
+    return lowered in PROXY_HEADERS or lowered.startswith(PROXY_HEADER_PREFIXES)
+
 
 #: /v1 routes a polling client hits repeatedly; they get the larger RATE_LIMIT_POLL budget,
 #: as does every route outside /v1 (see :func:`budget_of`).
@@ -144,11 +180,12 @@ def origin_host(value: str | None) -> str | None:
 def is_local_caller(request: web.Request, sync_origins: Iterable[str]) -> bool:
     """Whether the synchronous mode may answer this caller (DESIGN.md §3).
 
-    Anything that came through a proxy or tunnel is remote, whatever Host says. Then a
-    caller is local when its Origin (or Referer) host is allowed, or when it sent neither
-    and connected from loopback.
+    Anything bearing a header a proxy or tunnel adds is remote, whatever Host says. Then
+    a caller is local when its Origin (or Referer) host is allowed, or when it sent
+    neither and connected from loopback. A forged Origin gains nothing ``Prefer: wait``
+    does not give anyone: its own request held for at most SYNC_WAIT_MAX_S.
     """
-    if any(name in request.headers for name in FORWARDING_HEADERS):
+    if any(is_proxy_header(name) for name in request.headers):
         return False
     allowed = {origin.strip("[]").lower() for origin in sync_origins}
     raw_origin = request.headers.get(hdrs.ORIGIN) or request.headers.get(hdrs.REFERER)
@@ -212,6 +249,10 @@ class RateLimiter:
             "poll": limits.RateLimitItemPerSecond(
                 settings.rate_limit_poll_max_requests, self.window_s, namespace="poll"
             ),
+            # Wrong API keys per address: counted only on failure, checked before a key is.
+            "auth": limits.RateLimitItemPerSecond(
+                settings.rate_limit_auth_failures, self.window_s, namespace="auth"
+            ),
         }
         uri = settings.rate_limit_storage_uri
         self.shared = uri is not None
@@ -244,6 +285,19 @@ class RateLimiter:
             window_s=self.window_s,
         )
 
+    async def exhausted(self, budget: str, caller: str, now: float) -> int | None:
+        """Seconds until ``caller`` may try again when its ``budget`` is spent, else None.
+        Counts nothing; a storage that cannot answer spends nothing (logged), as in hit."""
+        item = self._items[budget]
+        try:
+            if await self._limiter.test(item, caller):
+                return None
+            stats = await self._limiter.get_window_stats(item, caller)
+        except Exception as exc:
+            log.warning("ratelimit.storage_failed error=%r", exc)
+            return None
+        return max(1, min(self.window_s, math.ceil(stats.reset_time - now)))
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -253,6 +307,7 @@ class Policy:
     trusted_proxies: list[Network]
     api_keys: Mapping[str, str]
     limiter: RateLimiter
+    metrics_token: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -261,6 +316,7 @@ class Policy:
             trusted_proxies=parse_networks(settings.trusted_proxies),
             api_keys=parse_api_keys(settings.api_keys),
             limiter=RateLimiter(settings),
+            metrics_token=settings.metrics_token,
         )
 
     def allowed_origin(self, origin: str) -> str | None:
@@ -272,11 +328,36 @@ class Policy:
 
     def key_name(self, token: str) -> str | None:
         """The name of the API key ``token``, comparing every key in constant time."""
+        # Header bytes that are not UTF-8 arrive as surrogates; surrogateescape gives the
+        # bytes back (they match no key) instead of raising.
+        sent = token.encode("utf-8", "surrogateescape")
         found = None
         for key, name in self.api_keys.items():
-            if hmac.compare_digest(key.encode(), token.encode()):
+            if hmac.compare_digest(key.encode(), sent):
                 found = name
         return found
+
+    def guarded(self, request: web.Request) -> bool:
+        """Whether ``request`` needs a Bearer key (see :func:`guarded_path`)."""
+        return guarded_path(request.path, self.settings)
+
+    def authorizes(self, request: web.Request, token: str) -> str | None:
+        """Who ``token`` authenticates on this request: an API key's name, ``""`` for the
+        metrics token on /metrics, None for nobody."""
+        name = self.key_name(token)
+        if name is None and self.metrics_token and request.path == "/metrics":
+            sent = token.encode("utf-8", "surrogateescape")
+            if hmac.compare_digest(self.metrics_token.encode(), sent):
+                return ""
+        return name
+
+
+def guarded_path(path: str, settings: Settings) -> bool:
+    """Whether requests to ``path`` need a Bearer key: /v1 with API_KEYS set, /metrics
+    with API_KEYS or METRICS_TOKEN set (the OpenAPI document says the same)."""
+    if path == "/metrics":
+        return bool(settings.api_keys or settings.metrics_token)
+    return bool(settings.api_keys) and path.startswith("/v1/")
 
 
 POLICY = web.AppKey("policy", Policy)
@@ -311,7 +392,11 @@ async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _safe_request_id(value: str) -> bool:
-    return 0 < len(value) <= 128 and all(c.isalnum() or c in "._:-" for c in value)
+    """Whether an incoming request id may be echoed (and logged): short, ASCII letters,
+    digits and ``._:-``, nothing a header or a log line could trip on."""
+    return 0 < len(value) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "._:-") for c in value
+    )
 
 
 @web.middleware
@@ -365,25 +450,45 @@ async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With API_KEYS set, /v1 needs ``Authorization: Bearer <key>``; the key's name owns
-    the caller's jobs."""
+    the caller's jobs. /metrics takes an API key or METRICS_TOKEN.
+
+    Wrong credentials count against the caller's address (RATE_LIMIT_AUTH_FAILURES per
+    window); once spent, the address gets 429 before any key is looked at, valid or not,
+    so guessing learns nothing until the window resets.
+    """
     policy = request.app[POLICY]
-    if policy.api_keys and _is_api(request):
-        scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPProblem(
-                401,
-                "Send your API key as Authorization: Bearer <key>",
-                code="UNAUTHORIZED",
-                headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="longdl"'},
-            )
-        name = policy.key_name(token.strip())
-        if name is None:
-            raise HTTPProblem(
-                401,
-                "This API key is not valid",
-                code="UNAUTHORIZED",
-                headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="longdl", error="invalid_token"'},
-            )
+    if not policy.guarded(request):
+        return await handler(request)
+    address = request[keys.CLIENT]
+    retry_after_s = await policy.limiter.exhausted("auth", address, time.time())
+    if retry_after_s is not None:
+        log.info("auth.refused reason=too_many_failures client=%s", address)
+        raise HTTPProblem(
+            429,
+            f"Too many wrong API keys from this address; try again in {retry_after_s} s",
+            code="TOO_MANY_AUTH_FAILURES",
+            headers={hdrs.RETRY_AFTER: str(retry_after_s)},
+        )
+    credentials = request.headers.get(hdrs.AUTHORIZATION)
+    if credentials is None:
+        raise HTTPProblem(
+            401,
+            "Send your API key as Authorization: Bearer <key>",
+            code="UNAUTHORIZED",
+            headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="longdl"'},
+        )
+    scheme, _, token = credentials.partition(" ")
+    name = policy.authorizes(request, token.strip()) if scheme.lower() == "bearer" else None
+    if name is None:
+        await policy.limiter.hit("auth", address, time.time())
+        log.info("auth.refused reason=invalid_key client=%s path=%s", address, request.path)
+        raise HTTPProblem(
+            401,
+            "This API key is not valid",
+            code="UNAUTHORIZED",
+            headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="longdl", error="invalid_token"'},
+        )
+    if _is_api(request):
         request[keys.CALLER] = name
         request[keys.CLIENT] = name
     return await handler(request)

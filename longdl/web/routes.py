@@ -87,8 +87,8 @@ NOT_FOUND = problem("No such job, or not the caller's")
 IDEMPOTENCY_KEY = Param(
     "Idempotency-Key",
     "header",
-    "Replays the same job for the same request within 24 h (scoped to the caller)",
-    {"type": "string", "minLength": 1, "maxLength": 200},
+    "Replays the same job for the same request within 24 h (scoped to the caller); printable ASCII",
+    {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[ -~]*$"},
 )
 #: The job id of ``/v1/download/{job_id}``: any segment but the names of the routes beside
 #: it, so ``GET /v1/download/initiate`` is a wrong method on initiate (405 with Allow), not
@@ -232,6 +232,12 @@ async def check(request: web.Request) -> web.Response:
     )
 
 
+def _printable_ascii(value: str) -> bool:
+    """Whether a header value is visible ASCII and spaces (bytes that are not UTF-8
+    arrive as lone surrogates, which the database cannot store)."""
+    return all(" " <= c <= "~" for c in value)
+
+
 def request_hash(body: InitiateRequest) -> str:
     """Identity of a request for idempotency: what would change the job."""
     canonical = dumps(
@@ -270,6 +276,12 @@ async def submit_job(
     """
     await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
     header_key = request.headers.get("Idempotency-Key")
+    if header_key is not None and not _printable_ascii(header_key):
+        raise HTTPProblem(
+            400,
+            "Idempotency-Key must be printable ASCII (a UUID, say)",
+            code="VALIDATION_ERROR",
+        )
     idempotency_key = header_key if header_key is not None else client_request_id
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
         raise HTTPProblem(
