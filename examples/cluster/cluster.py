@@ -113,7 +113,7 @@ class Cluster:
         pg_root = Path(tempfile.mkdtemp(prefix="longdl-cluster-pg-"))
         os.chmod(pg_root, 0o755)
         self._pg_root = pg_root
-        self._postgres = get_server(pg_root / "pgdata", cleanup_mode=None)
+        self._postgres = get_server(pg_root / "pgdata", cleanup_mode="stop")
         admin = self._postgres.get_uri("postgres")
         subprocess.run(
             [sys.executable, "-c", _CREATE_DB, admin, "longdl"], check=True, capture_output=True
