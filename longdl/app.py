@@ -15,7 +15,18 @@ from longdl import store as stores
 from longdl import webhooks
 from longdl.config import Settings, check_replica_secrets
 from longdl.engine import Engine, Handler, new_worker_id
-from longdl.web import events, files, keys, metrics, openapi, policy, problems, routes, ui
+from longdl.web import (
+    events,
+    files,
+    keys,
+    metrics,
+    openapi,
+    pipeline,
+    policy,
+    render,
+    routes,
+    ui,
+)
 
 log = logging.getLogger("longdl")
 
@@ -38,19 +49,15 @@ def create_app(
     app = web.Application(
         # Outermost first: every later layer sees a request id and the caller; metrics
         # time what the client gets, problems included; auth and limits raise problems.
-        middlewares=[
-            policy.context,
-            metrics.observe,
-            policy.cors,
-            problems.problems,
-            policy.deadline,
-            policy.auth,
-            policy.rate_limit,
-        ],
+        # One layer (web/pipeline.py): request id and caller, metrics, CORS preflights,
+        # problems, the deadline, auth and rate limits, in that order.
+        middlewares=[pipeline.pipeline],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
     policy.install(app, settings)
+    render.install(app, settings.signed_url_ttl_s)
+    pipeline.install(app)
     metrics.install(app)
     all_handlers = {**builtin_handlers.builtin(), **(handlers or {})}
 

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from longdl import exceptions, retry
+from longdl import exceptions, ids, retry
 from longdl.config import Settings
 from longdl.models import Job, JobStatus, Priority, Progress
 from longdl.storage import ObjectInfo, Partial, SignedUrl, Storage
@@ -57,6 +57,8 @@ SWEEP_BATCH = 500
 ORPHAN_SCAN_EVERY = 10
 #: Longest wait between two tries of a final status write (or any maintenance step).
 MAX_RETRY_DELAY_S = 5.0
+#: Finished jobs kept in memory at most (each until its TTL runs out).
+FINISHED_CACHE_SIZE = 10_000
 #: What a job given back at a graceful shutdown says.
 RELEASED = "Re-queued: the service restarted"
 #: A sweep deleting trash items has them for this long before another may try.
@@ -163,6 +165,7 @@ class JobContext:
             progress.bytes_done = bytes_done
         if bytes_total is not None:
             progress.bytes_total = bytes_total
+        self._running.version += 1
         self._running.dirty = True
         self._engine._progress_changed(self._running, force=message is not None)
 
@@ -176,6 +179,7 @@ class JobContext:
             raise exceptions.JobFailed("LOST", "The job was taken over or canceled")
         job.status = status
         job.updated_at = stored.updated_at
+        self._running.version += 1
         self._running.dirty = False
         self._engine.hub.notify(job)
 
@@ -223,6 +227,8 @@ class _JobStorage(Storage):
 class _Running:
     job: Job
     task: asyncio.Task[None] | None = None
+    #: Moves with every change of ``job`` (renderings are kept per version).
+    version: int = 0
     dirty: bool = False
     last_notify: float = 0.0
     stop_reason: StopReason | None = None
@@ -321,6 +327,7 @@ class Engine:
         self._stop_deadline = float("inf")
         self._services: list[asyncio.Task[None]] = []
         self._finishing: set[asyncio.Task[Job | None]] = set()
+        self._finished: dict[str, Job] = {}
         self._sweeps = 0
         self._last_flush = 0.0
         self.started_at = time.time()
@@ -436,7 +443,7 @@ class Engine:
         if self._stopping:
             raise exceptions.Overloaded("The service is shutting down", retry_after_s=5)
         new = NewJob(
-            id=str(uuid.uuid4()),
+            id=ids.uuid4(),
             kind=kind,
             payload=payload,
             max_attempts=self.settings.max_attempts,
@@ -495,13 +502,42 @@ class Engine:
             self._wakeup.set()
 
     async def get(self, job_id: str) -> Job | None:
-        """The job as it is now; jobs running here come from memory, not a query."""
+        """The job as it is now; jobs running here come from memory, finished jobs from
+        memory until their TTL runs out (nothing changes them before), others from the
+        store."""
         running = self._running.get(job_id)
         if running is not None:
             return dataclasses.replace(
                 running.job, progress=dataclasses.replace(running.job.progress)
             )
-        return await self.store.get_job(job_id)
+        finished = self._finished.get(job_id)
+        if finished is not None:
+            if finished.expires_at is not None and time.time() < finished.expires_at:
+                return finished
+            del self._finished[job_id]
+        job = await self.store.get_job(job_id)
+        if job is not None:
+            self._keep_finished(job)
+        return job
+
+    def live(self, job_id: str) -> tuple[Job, tuple[int, int]] | None:
+        """A job running here as it is, not a copy, with its version; None when it does
+        not run here. The job changes under the caller at its next await: read it now."""
+        running = self._running.get(job_id)
+        if running is None:
+            return None
+        return running.job, (id(running), running.version)
+
+    def _keep_finished(self, job: Job) -> None:
+        """Remember a finished job until its TTL runs out: only expiry changes it then."""
+        if (
+            job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
+            and job.expires_at is not None
+            and time.time() < job.expires_at
+        ):
+            if len(self._finished) >= FINISHED_CACHE_SIZE:
+                del self._finished[next(iter(self._finished))]
+            self._finished[job.id] = job
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (running here, or in another process, which
@@ -676,6 +712,7 @@ class Engine:
         running.cancel_pending_notify()
         if final is not None:
             running.job = final
+            running.version += 1
         if write is None:
             self._forget(running)
             return
@@ -696,6 +733,7 @@ class Engine:
         if stored is None:
             stored = await self._stored_or_none(running.job.id)
         if stored is not None:
+            self._keep_finished(stored)
             self.hub.notify(stored)
 
     async def _write_until_landed(
@@ -880,6 +918,7 @@ class Engine:
         running.cancel_pending_notify()
         running.last_notify = time.monotonic()
         running.job.updated_at = time.time()
+        running.version += 1
         self.hub.notify(running.job)
 
     async def heartbeat(self, *, flush: bool = True) -> None:
@@ -962,6 +1001,7 @@ class Engine:
         while True:
             expired = await self.store.expire_due(SWEEP_BATCH)
             for job in expired:
+                self._finished.pop(job.id, None)
                 log.info("job.expired job_id=%s", job.id)
                 self.hub.notify(job)
             count += len(expired)

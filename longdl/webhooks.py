@@ -51,7 +51,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 import longdl
-from longdl import exceptions, retry
+from longdl import exceptions, resource, retry
 from longdl.config import (
     MIN_WEBHOOK_SECRET_BYTES,
     WEBHOOK_SECRET_PREFIX,
@@ -60,9 +60,9 @@ from longdl.config import (
     load_or_create_secret_file,
     webhook_key_bytes,
 )
-from longdl.models import Job, JobStatus, LinksOut, utc_iso
+from longdl.models import Job, JobStatus, utc_iso
 from longdl.store import DeliveryStatus, Store, WebhookDelivery
-from longdl.web import keys, render
+from longdl.web import keys
 
 log = logging.getLogger("longdl.webhooks")
 
@@ -354,18 +354,17 @@ def build_event(job: Job, event_type: str, public_url: str | None) -> dict[str, 
     # The job may have expired since (a delivery resumed late): describe it as it was
     # when the event happened.
     snapshot = job if job.status is status else dataclasses.replace(job, status=status)
-    out = render.resource(snapshot, None)
+    data = resource.job_dict(snapshot)
     base = (public_url or "").rstrip("/")
-    links = LinksOut(**{name: base + path for name, path in out.links.model_dump().items()})
-    updates: dict[str, Any] = {"links": links}
-    if status is JobStatus.COMPLETED and out.result is not None:
-        updates["downloadUrl"] = links.result
-        updates["result"] = out.result.model_copy(update={"url": links.result})
-    data = out.model_copy(update=updates)
+    links = {name: base + path for name, path in data["links"].items()}
+    data["links"] = links
+    if status is JobStatus.COMPLETED and data["result"] is not None:
+        data["downloadUrl"] = links["result"]
+        data["result"] = {**data["result"], "url": links["result"]}
     return {
         "type": event_type,
         "timestamp": utc_iso(job.finished_at if job.finished_at is not None else job.updated_at),
-        "data": data.model_dump(mode="json"),
+        "data": data,
     }
 
 

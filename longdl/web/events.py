@@ -39,6 +39,7 @@ from aiohttp import hdrs, web
 
 from longdl import exceptions
 from longdl.models import Job, JobStatus
+from longdl.resource import View
 from longdl.web import keys, problems, render
 from longdl.web import routes as api
 from longdl.web.openapi import JOB_ID, Param, Resp, doc
@@ -103,9 +104,9 @@ def last_event_id(request: web.Request) -> int | None:
     return int(raw)
 
 
-def frame(event: str, event_id: int, data: str) -> bytes:
+def frame(event: str, event_id: int, data: bytes) -> bytes:
     """One SSE message; ``data`` is compact JSON, so it holds no line breaks."""
-    return f"event: {event}\nid: {event_id}\ndata: {data}\n\n".encode()
+    return b"event: %s\nid: %d\ndata: %s\n\n" % (event.encode(), event_id, data)
 
 
 class _Stream:
@@ -116,10 +117,10 @@ class _Stream:
         self.response = response
         self.last_id = last_id
 
-    async def send(self, event: str, job: Job) -> None:
+    async def send(self, event: str, job: Job, job_view: View) -> None:
         self.last_id = max(self.last_id + 1, event_id(job))
-        out = await render.job_out(self.request, job)
-        await self.response.write(frame(event, self.last_id, out.model_dump_json()))
+        out = await render.job_body(self.request, job, job_view)
+        await self.response.write(frame(event, self.last_id, render.dumps(out)))
 
     async def ping(self) -> None:
         await self.response.write(b": ping\n\n")
@@ -187,11 +188,15 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     stream = _Stream(request, response, seen_id or 0)
     with contextlib.suppress(ConnectionError):
         await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
+        job_view = render.view(request, job)
         if job.status.finished or seen_id is None or seen_id < event_id(job):
-            await stream.send("snapshot", job)
+            await stream.send("snapshot", job, job_view)
+        # While it waits, a stream keeps what it compares, not the job (memory per stream).
         last_status: JobStatus = job.status
-        last_tag = render.etag(job)
-        while not job.status.finished:
+        last_tag = job_view.etag
+        finished = job.status.finished
+        del job, job_view
+        while not finished:
             remaining_s = ends_at - loop.time()
             if remaining_s <= 0 or engine.stopping:
                 break
@@ -201,14 +206,15 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 continue
             changed = engine.hub.event(job_id)
             try:
-                job = await api.visible_job(request)
+                job, job_view = await api.visible_view(request)
             except exceptions.JobNotFound:
                 break  # purged while we watched: nothing more will happen
-            tag = render.etag(job)
-            if tag == last_tag:
+            if job_view.etag == last_tag:
                 continue  # woken, but nothing a client sees changed
-            await stream.send("status" if job.status is not last_status else "progress", job)
-            last_status, last_tag = job.status, tag
+            event = "status" if job.status is not last_status else "progress"
+            await stream.send(event, job, job_view)
+            last_status, last_tag, finished = job.status, job_view.etag, job.status.finished
+            del job, job_view
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response

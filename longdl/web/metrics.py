@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
@@ -27,8 +27,8 @@ from longdl.models import Job, JobStatus
 from longdl.web import keys, policy
 from longdl.web.openapi import Resp, doc, problem
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
+#: Request durations that wait for a scrape at most, per (method, route, status).
+OBSERVE_BATCH = 1000
 #: Buckets for jobs: seconds to many minutes.
 JOB_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -80,8 +80,23 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        # Request durations not yet in their histogram child, by (method, route, status).
+        self.http_pending: dict[tuple[str, str, int], list[float]] = {}
+        self._http_children: dict[tuple[str, str, int], Any] = {}
         # The listener sees every change of a running job; these got their wait observed.
         self._started: set[str] = set()
+
+    def flush_http(self) -> None:
+        """Put the waiting request durations into their histograms."""
+        pending, self.http_pending = self.http_pending, {}
+        for key, durations in pending.items():
+            child = self._http_children.get(key)
+            if child is None:
+                child = self._http_children[key] = self.http_duration.labels(
+                    key[0], key[1], str(key[2])
+                )
+            for seconds in durations:
+                child.observe(seconds)
 
     def on_job_change(self, job: Job) -> None:
         """Engine change listener: observe a job's queue wait and its duration."""
@@ -120,22 +135,21 @@ class WebhookCollector(Collector):
 METRICS = web.AppKey("metrics", Metrics)
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Time every request; the status is the one the client got (problems included)."""
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        request.app[METRICS].http_duration.labels(
-            request.method, policy.route_template(request) or "unmatched", str(status)
-        ).observe(time.perf_counter() - started)
+def observe(request: web.Request, status: int, seconds: float) -> None:
+    """Time one request; ``status`` is the one the client got (problems included).
+
+    The duration waits in a list and reaches its histogram at the next scrape (or when
+    OBSERVE_BATCH of them wait): prometheus_client takes a lock per observation, the list
+    an append.
+    """
+    app_metrics = request.app[METRICS]
+    key = (request.method, policy.route_template(request) or "unmatched", status)
+    waiting = app_metrics.http_pending.get(key)
+    if waiting is None:
+        waiting = app_metrics.http_pending[key] = []
+    waiting.append(seconds)
+    if len(waiting) >= OBSERVE_BATCH:
+        app_metrics.flush_http()
 
 
 routes = web.RouteTableDef()
@@ -159,6 +173,7 @@ routes = web.RouteTableDef()
 )
 async def metrics(request: web.Request) -> web.Response:
     app_metrics = request.app[METRICS]
+    app_metrics.flush_http()
     counts = await request.app[keys.STORE].count_by_status()
     for status, count in counts.items():
         app_metrics.jobs.labels(status.value).set(count)

@@ -169,26 +169,22 @@ def _from_http_exception(exc: web.HTTPException) -> HTTPProblem:
     return HTTPProblem(exc.status, detail, headers=headers)
 
 
-@web.middleware
-async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Turn every error into problem+json; never leak internals in a 500."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return problem_response(request, _from_http_exception(exc))
-    except Exception as exc:
-        problem = problem_for(exc)
-        if problem is None:
-            log.exception("unhandled error request_id=%s", request_id(request))
-            problem = HTTPProblem(
-                500,
-                "Something went wrong on our side; the request id identifies it in logs",
-                code="INTERNAL_ERROR",
-            )
-        return problem_response(request, problem)
+def from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """The problem answer of an error aiohttp raised (404, 405, 413, ...)."""
+    return problem_response(request, _from_http_exception(exc))
+
+
+def from_exception(request: web.Request, exc: Exception) -> web.Response:
+    """The problem answer of an error raised below; never leaks internals in a 500."""
+    problem = problem_for(exc)
+    if problem is None:
+        log.exception("unhandled error request_id=%s", request_id(request))
+        problem = HTTPProblem(
+            500,
+            "Something went wrong on our side; the request id identifies it in logs",
+            code="INTERNAL_ERROR",
+        )
+    return problem_response(request, problem)
 
 
 async def read_json(request: web.Request) -> bytes:

@@ -1,79 +1,76 @@
-"""Turn job records into the v1 resources: links, signed URLs, poll hints, ETags."""
+"""Answers about jobs: the resource (see :mod:`longdl.resource`) with its signed URL,
+validator and poll hints, as HTTP responses.
+
+A completed job's download URL is signed at read time, as the contract says, but a
+signed URL is reused for a tenth of its lifetime: every URL handed out still has at
+least nine tenths of ``SIGNED_URL_TTL_S`` ahead of it, and a burst of polls of one job
+costs one signature (an HMAC locally, a presign on S3), not one each.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
+from collections.abc import Hashable, Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from pydantic import BaseModel
 
-from longdl.models import (
-    ErrorOut,
-    InitiateOut,
-    Job,
-    JobOut,
-    JobStatus,
-    LinksOut,
-    ProgressOut,
-    ResultOut,
-    TimestampsOut,
-    utc_iso,
-)
-from longdl.storage import SignedUrl
+from longdl import resource
+from longdl.models import Job, JobStatus
+from longdl.resource import dumps, etag, links, next_poll_ms, retry_after_s
+from longdl.storage import SignedUrl, Storage
 from longdl.web import keys
 
-QUEUED_POLL_MS = 2000
-MIN_POLL_MS = 500
-MAX_POLL_MS = 5000
+#: Share of a signed URL's lifetime it is reused for.
+REUSE_SHARE = 0.1
+
+JSON = "application/json"
+
+__all__ = [
+    "SIGNED_URLS",
+    "VIEWS",
+    "SignedUrls",
+    "absolute",
+    "dumps",
+    "etag",
+    "job_body",
+    "json_response",
+    "links",
+    "next_poll_ms",
+    "poll_headers",
+    "retry_after_s",
+    "sign_result",
+]
 
 
-def links(job_id: str) -> LinksOut:
-    return LinksOut(
-        self=f"/v1/download/status/{job_id}",
-        result=f"/v1/download/{job_id}",
-        events=f"/v1/download/{job_id}/events",
-        cancel=f"/v1/download/cancel/{job_id}",
-    )
+class SignedUrls:
+    """Signed URLs of artifacts, each reused while nine tenths of its life remain."""
+
+    def __init__(self, ttl_s: int, size: int = 20_000) -> None:
+        self.ttl_s = ttl_s
+        self._size = size
+        self._urls: dict[tuple[str, str], SignedUrl] = {}
+
+    async def get(self, storage: Storage, key: str, filename: str) -> SignedUrl:
+        now = time.time()
+        cached = self._urls.get((key, filename))
+        if cached is not None and cached.expires_at - now >= self.ttl_s * (1 - REUSE_SHARE):
+            return cached
+        signed = await storage.signed_url(key, self.ttl_s, filename)
+        if len(self._urls) >= self._size:
+            del self._urls[next(iter(self._urls))]
+        self._urls[(key, filename)] = signed
+        return signed
 
 
-def next_poll_ms(job: Job, now: float | None = None) -> int | None:
-    """How long a polling client should wait; None once the job finished.
-
-    Running jobs with measurable progress poll about five times over their remaining
-    time, bounded to [0.5 s, 5 s]; queued jobs every 2 s.
-    """
-    if job.status.finished:
-        return None
-    if job.status is JobStatus.QUEUED or job.started_at is None:
-        return QUEUED_POLL_MS
-    now = time.time() if now is None else now
-    percent = job.progress.percent
-    if percent <= 0:
-        return 1000
-    elapsed_s = max(0.0, now - job.started_at)
-    remaining_s = elapsed_s * (100 - percent) / percent
-    return int(min(MAX_POLL_MS, max(MIN_POLL_MS, remaining_s * 1000 / 5)))
+VIEWS = web.AppKey("job_views", resource.Views)
+SIGNED_URLS = web.AppKey("signed_urls", SignedUrls)
 
 
-def retry_after_s(poll_ms: int | None) -> str:
-    return str(max(1, math.ceil((poll_ms or 1000) / 1000)))
-
-
-def etag(job: Job) -> str:
-    """A weak validator that changes whenever anything a client sees changes."""
-    state = [
-        job.status.value,
-        job.progress.to_dict(),
-        job.attempts,
-        job.error,
-        (job.result or {}).get("key"),
-        job.finished_at,
-    ]
-    digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:20]
-    return f'W/"{digest}"'
+def install(app: web.Application, ttl_s: int) -> None:
+    app[VIEWS] = resource.Views()
+    app[SIGNED_URLS] = SignedUrls(ttl_s)
 
 
 def absolute(request: web.Request, url: str) -> str:
@@ -85,82 +82,53 @@ def absolute(request: web.Request, url: str) -> str:
 
 
 async def sign_result(request: web.Request, job: Job) -> SignedUrl | None:
-    """A fresh signed URL for a completed job's artifact, or None."""
+    """A signed URL for a completed job's artifact, or None."""
     if job.status is not JobStatus.COMPLETED or not job.result:
         return None
-    settings = request.app[keys.SETTINGS]
-    signed = await request.app[keys.STORAGE].signed_url(
-        job.result["key"], settings.signed_url_ttl_s, job.result["filename"]
+    signed = await request.app[SIGNED_URLS].get(
+        request.app[keys.STORAGE], job.result["key"], job.result["filename"]
     )
     return SignedUrl(absolute(request, signed.url), signed.expires_at)
 
 
-def elapsed_s(job: Job, now: float) -> float:
-    if job.started_at is None:
-        return 0.0
-    end = job.finished_at if job.finished_at is not None else now
-    return round(max(0.0, end - job.started_at), 3)
+def view(request: web.Request, job: Job, version: Hashable | None = None) -> resource.View:
+    """The job's rendering at ``version`` (its stored version by default), kept."""
+    return request.app[VIEWS].of(job, version)
 
 
-async def job_out(request: web.Request, job: Job) -> JobOut:
-    """The full job resource, with a URL signed now when it is completed."""
-    return resource(job, await sign_result(request, job))
+async def job_body(
+    request: web.Request, job: Job, job_view: resource.View | None = None
+) -> dict[str, Any]:
+    """The full job resource, with a signed URL when it is completed."""
+    job_view = job_view or view(request, job)
+    signed = await sign_result(request, job)
+    if signed is None:
+        return resource.body(job_view, job)
+    return resource.body(job_view, job, signed.url, signed.expires_at)
 
 
-def resource(job: Job, signed: SignedUrl | None, now: float | None = None) -> JobOut:
-    """The job resource with ``signed`` as its download URL (None: no URL); no I/O."""
-    now = time.time() if now is None else now
-    result = None
-    if job.result:
-        details: dict[str, Any] = job.result.get("details") or {}
-        result = ResultOut(
-            url=signed.url if signed else None,
-            expiresAt=utc_iso(signed.expires_at) if signed else None,
-            filename=job.result["filename"],
-            size=job.result["size_bytes"],
-            sha256=job.result.get("sha256"),
-            files=details.get("files", []),
-            missing=details.get("missing", []),
-            details=details,
-        )
-    error = ErrorOut(**job.error) if job.error and job.status is not JobStatus.COMPLETED else None
-    file_ids = list(job.payload.get("file_ids", []))
-    return JobOut(
-        jobId=job.id,
-        status=job.status,
-        fileIds=file_ids,
-        totalFileIds=len(file_ids),
-        progress=ProgressOut(**job.progress.to_dict()),
-        attempts=job.attempts,
-        maxAttempts=job.max_attempts,
-        priority=job.priority.label,  # type: ignore[arg-type]
-        userId=job.user_id,
-        clientRequestId=job.client_request_id,
-        timestamps=TimestampsOut(
-            queuedAt=utc_iso(job.created_at) or "",
-            startedAt=utc_iso(job.started_at),
-            updatedAt=utc_iso(job.updated_at) or "",
-            finishedAt=utc_iso(job.finished_at),
-        ),
-        elapsedSeconds=elapsed_s(job, now),
-        downloadUrl=signed.url if signed else None,
-        result=result,
-        error=error,
-        expiresAt=utc_iso(job.expires_at),
-        nextPollInMs=next_poll_ms(job, now),
-        links=links(job.id),
-    )
+async def job_bytes(request: web.Request, job: Job, job_view: resource.View) -> bytes:
+    """The full job resource as JSON, its encoding shared by the polls of a tenth of a
+    second (see :func:`longdl.resource.encoded`)."""
+    signed = await sign_result(request, job)
+    if signed is None:
+        return resource.encoded(job_view, job)
+    return resource.encoded(job_view, job, signed.url, signed.expires_at)
 
 
-def initiate_out(job: Job) -> InitiateOut:
-    job_links = links(job.id)
-    return InitiateOut(
-        jobId=job.id,
-        status=job.status,
-        totalFileIds=len(job.payload.get("file_ids", [])),
-        statusUrl=job_links.self,
-        resultUrl=job_links.result,
-        eventsUrl=job_links.events,
-        nextPollInMs=next_poll_ms(job) or QUEUED_POLL_MS,
-        expiresAt=utc_iso(job.expires_at),
-    )
+def poll_headers(job: Job, tag: str) -> dict[str, str]:
+    """What every answer about a job carries, 200 or 304: its validator, no caching, and
+    while it is unfinished, when to ask again."""
+    headers: dict[str, str] = {hdrs.ETAG: tag, hdrs.CACHE_CONTROL: "no-cache"}
+    poll_ms = next_poll_ms(job)
+    if poll_ms is not None:
+        headers[hdrs.RETRY_AFTER] = retry_after_s(poll_ms)
+    return headers
+
+
+def json_response(
+    body: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON answer of a dict (orjson) or a pydantic model."""
+    data = body.model_dump_json().encode() if isinstance(body, BaseModel) else dumps(body)
+    return web.Response(status=status, body=data, content_type=JSON, headers=headers)

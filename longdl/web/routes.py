@@ -17,7 +17,7 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 import longdl
-from longdl import exceptions, webhooks
+from longdl import exceptions, resource, webhooks
 from longdl.handlers.download import source_key
 from longdl.models import (
     CheckOut,
@@ -131,13 +131,7 @@ def caller_of(request: web.Request) -> str:
     return str(request.get(keys.CALLER, ""))
 
 
-def json_response(
-    model: object, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    from pydantic import BaseModel
-
-    text = model.model_dump_json() if isinstance(model, BaseModel) else dumps(model)
-    return web.Response(status=status, text=text, content_type="application/json", headers=headers)
+json_response = render.json_response
 
 
 async def visible_job(request: web.Request) -> Job:
@@ -318,14 +312,14 @@ async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[
 
 def accepted(job: Job, replayed: bool = False) -> web.Response:
     """The 202 initiate answers: the job's URLs, Location and Retry-After."""
-    out = render.initiate_out(job)
+    out = resource.initiate_dict(job)
     return json_response(out, 202, accepted_headers(out, replayed))
 
 
-def accepted_headers(out: InitiateOut, replayed: bool) -> dict[str, str]:
+def accepted_headers(out: Mapping[str, Any], replayed: bool) -> dict[str, str]:
     headers: dict[str, str] = {
-        hdrs.LOCATION: out.statusUrl,
-        hdrs.RETRY_AFTER: render.retry_after_s(out.nextPollInMs),
+        hdrs.LOCATION: out["statusUrl"],
+        hdrs.RETRY_AFTER: render.retry_after_s(out["nextPollInMs"]),
         hdrs.VARY: "Prefer",
     }
     if replayed:
@@ -421,13 +415,13 @@ async def start(request: web.Request) -> web.Response:
     headers = {hdrs.VARY: "Prefer", **applied}
     if job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
         return json_response(await start_out(request, body.file_id, job), headers=headers)
-    initiated = render.initiate_out(job)
-    out = StartAcceptedOut(
-        **initiated.model_dump(),
-        file_id=body.file_id,
-        pollingEndpoint=initiated.statusUrl,
-        message="Preparing the download; poll pollingEndpoint until it is completed",
-    )
+    initiated = resource.initiate_dict(job)
+    out = {
+        **initiated,
+        "file_id": body.file_id,
+        "pollingEndpoint": initiated["statusUrl"],
+        "message": "Preparing the download; poll pollingEndpoint until it is completed",
+    }
     return json_response(out, 202, {**accepted_headers(out, replayed), **headers})
 
 
@@ -460,6 +454,8 @@ async def start_out(request: web.Request, file_id: int, job: Job) -> StartOut:
 
 
 def _wait_s(request: web.Request) -> float:
+    if not request.query_string:
+        return 0.0  # most polls: no need to parse a query
     raw = request.query.get("wait")
     if raw is None:
         return 0.0
@@ -472,22 +468,25 @@ def _wait_s(request: web.Request) -> float:
     return min(wait_s, request.app[keys.SETTINGS].long_poll_max_s)
 
 
-def poll_headers(job: Job, tag: str) -> dict[str, str]:
-    """What every answer about a job carries, 200 or 304: its validator, no caching, and
-    while it is unfinished, when to ask again."""
-    headers: dict[str, str] = {hdrs.ETAG: tag, hdrs.CACHE_CONTROL: "no-cache"}
-    poll_ms = render.next_poll_ms(job)
-    if poll_ms is not None:
-        headers[hdrs.RETRY_AFTER] = render.retry_after_s(poll_ms)
-    return headers
+poll_headers = render.poll_headers
 
 
 async def job_response(
-    request: web.Request, job: Job, status: int = 200, *, tag: str | None = None
+    request: web.Request,
+    job: Job,
+    status: int = 200,
+    *,
+    job_view: resource.View | None = None,
 ) -> web.Response:
-    """The job resource with its validator and poll hints (``tag``: its ETag, if known)."""
-    out = await render.job_out(request, job)
-    return json_response(out, status, poll_headers(job, tag or render.etag(job)))
+    """The job resource with its validator and poll hints."""
+    job_view = job_view or render.view(request, job)
+    data = await render.job_bytes(request, job, job_view)
+    return web.Response(
+        status=status,
+        body=data,
+        content_type=render.JSON,
+        headers=poll_headers(job, job_view.etag),
+    )
 
 
 @routes.get("/v1/download/status/{job_id}")
@@ -514,21 +513,43 @@ async def job_response(
 async def status(request: web.Request) -> web.StreamResponse:
     engine = request.app[keys.ENGINE]
     wait_s = _wait_s(request)
-    # Take the change event before reading, so a change in between is not missed.
-    changed = engine.hub.event(request.match_info["job_id"])
-    job = await visible_job(request)
-    tag = render.etag(job)
+    # A long-poll takes the change event before reading, so a change in between counts.
+    changed = engine.hub.event(request.match_info["job_id"]) if wait_s > 0 else None
+    job, job_view = await visible_view(request)
     client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
-    if wait_s > 0 and not job.status.finished and not engine.stopping and client_tag in (None, tag):
-        job, tag = await _wait_for_change(request, job, tag, changed, wait_s)
+    if (
+        changed is not None
+        and not job.status.finished
+        and not engine.stopping
+        and client_tag in (None, job_view.etag)
+    ):
+        job, job_view = await _wait_for_change(request, job, job_view, changed, wait_s)
+    tag = job_view.etag
     if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
         return web.Response(status=304, headers=poll_headers(job, tag))
-    return await job_response(request, job, tag=tag)
+    return await job_response(request, job, job_view=job_view)
+
+
+async def visible_view(request: web.Request) -> tuple[Job, resource.View]:
+    """The job named in the URL and its rendering; a job running here is read in place
+    (no copy, no query), the rendering kept per version of it."""
+    job_id = request.match_info["job_id"]
+    live = request.app[keys.ENGINE].live(job_id)
+    if live is not None:
+        job, version = live
+        if job.owner == caller_of(request):
+            return job, render.view(request, job, version)
+    job = await visible_job(request)
+    return job, render.view(request, job)
 
 
 async def _wait_for_change(
-    request: web.Request, job: Job, tag: str, changed: asyncio.Event, wait_s: float
-) -> tuple[Job, str]:
+    request: web.Request,
+    job: Job,
+    job_view: resource.View,
+    changed: asyncio.Event,
+    wait_s: float,
+) -> tuple[Job, resource.View]:
     """Wait up to ``wait_s`` until the job differs from ``tag`` (what the client holds).
 
     A wake-up that changed nothing the client sees (a notification of a change it
@@ -538,6 +559,7 @@ async def _wait_for_change(
     engine = request.app[keys.ENGINE]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
+    tag = job_view.etag
     while not engine.stopping:
         try:
             async with asyncio.timeout(deadline - loop.time()):
@@ -545,13 +567,12 @@ async def _wait_for_change(
         except TimeoutError:
             break
         changed = engine.hub.event(job.id)
-        job = await visible_job(request)
-        new_tag = render.etag(job)
-        if new_tag != tag or job.status.finished:
-            return job, new_tag
+        job, job_view = await visible_view(request)
+        if job_view.etag != tag or job.status.finished:
+            return job, job_view
     if engine.stopping:
-        job = await visible_job(request)
-    return job, render.etag(job)
+        return await visible_view(request)
+    return job, job_view
 
 
 #: A history cursor: the last job's creation time (``repr`` of the float, so it reads back
@@ -635,9 +656,10 @@ async def history(request: web.Request) -> web.Response:
     # Rows of running jobs lag behind their in-memory progress; show the live state.
     live = [await engine.get(job.id) or job for job in page]
     next_cursor = encode_cursor(page[-1]) if len(jobs) > params.limit else None
-    out = HistoryOut(
-        items=[await render.job_out(request, job) for job in live], nextCursor=next_cursor
-    )
+    out = {
+        "items": [await render.job_body(request, job) for job in live],
+        "nextCursor": next_cursor,
+    }
     return json_response(out, headers={hdrs.CACHE_CONTROL: "no-cache"})
 
 
