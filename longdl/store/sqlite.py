@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import orjson
+
 from longdl import exceptions
 from longdl.models import Job, JobStatus, Priority, Progress
 from longdl.store import base
@@ -75,11 +77,11 @@ WORKER_ROW_TTL_S = 24 * 3600
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else orjson.loads(text)
 
 
 def row_to_job(row: Mapping[str, Any]) -> Job:
@@ -89,10 +91,10 @@ def row_to_job(row: Mapping[str, Any]) -> Job:
         kind=row["kind"],
         status=JobStatus(row["status"]),
         priority=Priority(row["priority"]),
-        payload=json.loads(row["payload"]),
+        payload=orjson.loads(row["payload"]),
         attempts=row["attempts"],
         max_attempts=row["max_attempts"],
-        progress=Progress.from_dict(json.loads(row["progress"])),
+        progress=Progress.from_dict(orjson.loads(row["progress"])),
         result=_loads(row["result"]),
         error=_loads(row["error"]),
         owner=row["owner"],

@@ -439,7 +439,7 @@ def route_template(request: web.Request) -> str | None:
 def identify(request: web.Request, policy: Policy) -> None:
     """Request id (echoed when sane, else a new UUID), caller address and identity."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request[keys.REQUEST_ID] = incoming if _safe_request_id(incoming) else ids.uuid4()
+    request[keys.REQUEST_ID] = incoming if _safe_request_id(incoming) else ids.request_id()
     forwarded = request.headers.getall("X-Forwarded-For", ()) if policy.trusted_proxies else ()
     request[keys.CLIENT] = client_address(request.remote, forwarded, policy.trusted_proxies)
     request[keys.CALLER] = ""
