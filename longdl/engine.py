@@ -31,14 +31,22 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from longdl import exceptions, ids, retry
 from longdl.config import Settings
 from longdl.models import Job, JobStatus, Priority, Progress
-from longdl.storage import ObjectInfo, Partial, SignedUrl, Storage
+from longdl.storage import (
+    ObjectInfo,
+    Partial,
+    SignedUrl,
+    Storage,
+    ZipMember,
+    ZipProgress,
+    ZipWritten,
+)
 from longdl.store import Claim, Inserted, Limits, NewJob, Store, WorkerInfo
 from longdl.store import base as store_base
 
@@ -211,6 +219,16 @@ class _JobStorage(Storage):
         job = self._running.job
         await self._engine.store.add_output(job.id, self._engine.worker_id, key)
         return await self._inner.write(key, chunks, content_type)
+
+    async def write_zip(
+        self,
+        key: str,
+        members: Sequence[ZipMember],
+        on_progress: ZipProgress | None = None,
+    ) -> ZipWritten:
+        job = self._running.job
+        await self._engine.store.add_output(job.id, self._engine.worker_id, key)
+        return await self._inner.write_zip(key, members, on_progress)
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)

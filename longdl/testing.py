@@ -67,6 +67,8 @@ class FlakyStorage(Storage):
     async def signed_url(self, key: str, expires_in_s: int, filename: str) -> SignedUrl:
         return await self.inner.signed_url(key, expires_in_s, filename)
 
+    # write_zip is the generic one of Storage: it reads and writes through this twin.
+
     async def delete_many(self, keys: Sequence[str]) -> list[str]:
         return await self.inner.delete_many(keys)
 

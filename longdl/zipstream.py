@@ -1,4 +1,10 @@
-"""Stream a ZIP archive (entries stored, not recompressed) with flat memory use."""
+"""Stream a ZIP archive (entries stored, not recompressed) with flat memory use.
+
+:class:`ZipWriter` turns entries into archive bytes as they come, the standard library's
+``zipfile`` doing the format (data descriptors, ZIP64, the central directory); each call
+returns the bytes to append. :func:`zip_entries` drives it from async sources; local
+storage drives it from files on a thread of its own (see ``LocalStorage.write_zip``).
+"""
 
 from __future__ import annotations
 
@@ -12,18 +18,28 @@ ZIP64_THRESHOLD_BYTES = 2**31
 
 
 class _Sink:
-    """A write-only, non-seekable file zipfile writes into; drained after each write.
+    """A write-only, non-seekable file zipfile writes into.
 
     Having ``tell`` but no ``seek`` makes zipfile write data descriptors instead of
-    seeking back, which is what lets the archive stream.
+    seeking back, which is what lets the archive stream. With ``emit`` every write goes
+    straight to it, entry data as the very buffer passed to :meth:`ZipWriter.write`
+    (no copy); without, writes are kept (copied) until drained.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, emit: Callable[[bytes | memoryview], object] | None) -> None:
         self._parts: list[bytes] = []
         self._offset = 0
+        self._emit = emit
+        #: Set while the caller writes the bytes itself (see ZipWriter.account).
+        self.silent = False
 
-    def write(self, data: bytes) -> int:
-        self._parts.append(bytes(data))
+    def write(self, data: bytes | memoryview) -> int:
+        if self.silent:
+            pass
+        elif self._emit is not None:
+            self._emit(data)
+        else:
+            self._parts.append(bytes(data))
         self._offset += len(data)
         return len(data)
 
@@ -34,9 +50,84 @@ class _Sink:
         pass
 
     def drain(self) -> bytes:
+        if len(self._parts) == 1:
+            return self._parts.pop()
         data = b"".join(self._parts)
         self._parts.clear()
         return data
+
+
+class ZipWriter:
+    """The bytes of an archive of stored entries, entry by entry.
+
+    Call :meth:`begin`, :meth:`write` (any number of times) and :meth:`end` for each
+    entry, then :meth:`close`; each returns the bytes that follow in the archive, or,
+    given ``emit``, hands them to it as they come (and returns ``b""``).
+    """
+
+    def __init__(
+        self,
+        emit: Callable[[bytes | memoryview], object] | None = None,
+        *,
+        force_zip64: bool = False,
+    ) -> None:
+        self._sink = _Sink(emit)
+        self._archive = zipfile.ZipFile(
+            cast(IO[bytes], self._sink), "w", zipfile.ZIP_STORED, allowZip64=True
+        )
+        self._member: IO[bytes] | None = None
+        self._date_time = time.gmtime()[:6]
+        self._force_zip64 = force_zip64
+
+    def begin(self, name: str, size_bytes: int) -> bytes:
+        info = zipfile.ZipInfo(name, date_time=self._date_time)
+        info.compress_type = zipfile.ZIP_STORED
+        info.file_size = size_bytes
+        info.external_attr = 0o644 << 16
+        zip64 = self._force_zip64 or size_bytes >= ZIP64_THRESHOLD_BYTES
+        self._member = self._archive.open(info, "w", force_zip64=zip64)
+        return self._sink.drain()
+
+    def write(self, data: bytes | memoryview) -> bytes:
+        assert self._member is not None, "begin() an entry first"
+        self._member.write(data)  # CRC-32 (zlib, without the GIL) and a copy into the sink
+        return self._sink.drain()
+
+    def account(self, data: bytes | memoryview) -> None:
+        """Take ``data`` into the entry (its CRC-32 and size) without emitting it: the
+        caller puts these bytes in the archive itself, at this point (a kernel copy)."""
+        assert self._member is not None, "begin() an entry first"
+        self._sink.silent = True
+        try:
+            self._member.write(data)
+        finally:
+            self._sink.silent = False
+
+    def end(self) -> bytes:
+        assert self._member is not None, "begin() an entry first"
+        self._member.close()
+        self._member = None
+        return self._sink.drain()
+
+    def close(self) -> bytes:
+        self._archive.close()
+        return self._sink.drain()
+
+    def abandon(self) -> None:
+        """Drop an archive left unfinished (its bytes are not wanted): nothing more is
+        emitted, and nothing is left for the garbage collector to finish."""
+        self._sink.silent = True
+        if self._member is not None:
+            self._member.close()
+            self._member = None
+        self._archive.close()
+
+    def __enter__(self) -> ZipWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is not None:
+            self.abandon()
 
 
 @dataclass(frozen=True)
@@ -57,24 +148,20 @@ async def zip_entries(
         entries: files in archive order.
         on_bytes: called with the count of source bytes consumed after each chunk.
     """
-    sink = _Sink()
-    date_time = time.gmtime()[:6]
-    writable = cast(IO[bytes], sink)
-    with zipfile.ZipFile(writable, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    writer = ZipWriter()
+    try:
         for entry in entries:
-            info = zipfile.ZipInfo(entry.name, date_time=date_time)
-            info.compress_type = zipfile.ZIP_STORED
-            info.file_size = entry.size_bytes
-            info.external_attr = 0o644 << 16
-            force_zip64 = entry.size_bytes >= ZIP64_THRESHOLD_BYTES
-            with archive.open(info, "w", force_zip64=force_zip64) as member:
-                async for chunk in entry.chunks():
-                    member.write(chunk)
-                    if on_bytes is not None:
-                        on_bytes(len(chunk))
-                    if data := sink.drain():
-                        yield data
-            if data := sink.drain():
+            if data := writer.begin(entry.name, entry.size_bytes):
                 yield data
-    if data := sink.drain():
-        yield data
+            async for chunk in entry.chunks():
+                if data := writer.write(chunk):
+                    yield data
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            if data := writer.end():
+                yield data
+        if data := writer.close():
+            yield data
+    except BaseException:  # a source failed, or the consumer stopped (GeneratorExit)
+        writer.abandon()
+        raise

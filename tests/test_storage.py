@@ -8,8 +8,12 @@ Each backend's test class mixes in :class:`StorageContract` and provides three f
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
+import random
 import secrets
 import time
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,10 @@ import pytest
 import yarl
 from conftest import test_settings, wait_for
 
+import longdl.storage.local as local_storage
 from longdl import exceptions
 from longdl.app import create_app
-from longdl.storage import LocalStorage, Storage, content_disposition
+from longdl.storage import LocalStorage, Storage, ZipMember, content_disposition
 from longdl.storage.s3 import MIN_PART_SIZE_BYTES, S3Storage
 
 #: Larger than one multipart part, so S3 takes the multipart path.
@@ -328,3 +333,70 @@ class TestS3Storage(StorageContract):
             )
 
         return objects_and_uploads
+
+
+# --- bundles written by local storage's own threads ------------------------------------
+
+
+def _sources(storage: LocalStorage, sizes: list[int]) -> list[ZipMember]:
+    members = []
+    for index, size in enumerate(sizes):
+        key = f"downloads/{90000 + index}.zip"
+        path = storage.path_of(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(random.Random(index).randbytes(size))
+        members.append(ZipMember(f"{90000 + index}.zip", key, size))
+    return members
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "write"])
+async def test_local_bundle_is_a_valid_zip_with_its_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    """The threaded bundle holds every source byte for byte, and its SHA-256 is right,
+    whether the kernel copies the data or (where it cannot) the buffers are written."""
+    monkeypatch.setattr(local_storage, "_KERNEL_COPY", kernel_copy)
+    storage = LocalStorage(tmp_path, b"k" * 32)
+    await storage.open()
+    members = _sources(storage, [3 << 20, 1, 0, 5 << 20])
+    seen: list[tuple[int, int]] = []
+
+    written = await storage.write_zip("bundles/b.zip", members, lambda f, b: seen.append((f, b)))
+
+    data = storage.path_of("bundles/b.zip").read_bytes()
+    assert (len(data), hashlib.sha256(data).hexdigest()) == (
+        written.info.size_bytes,
+        written.sha256,
+    )
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        for member in members:
+            assert storage.path_of(member.key).read_bytes() == archive.read(member.name)
+    assert (4, sum(m.size_bytes for m in members)) == seen[-1]
+
+
+async def test_a_cancelled_local_bundle_leaves_nothing(tmp_path: Path) -> None:
+    """Cancelling a bundle while its threads copy stops them and removes the part file."""
+    storage = LocalStorage(tmp_path, b"k" * 32)
+    await storage.open()
+    members = _sources(storage, [64 << 20] * 4)
+    task = asyncio.create_task(storage.write_zip("bundles/c.zip", members))
+
+    async def copying() -> list[Path]:
+        return list((tmp_path / "bundles").glob(".*.part"))
+
+    await wait_for(copying, 10, interval_s=0.002)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [] == sorted(p.name for p in (tmp_path / "bundles").iterdir())
+
+
+async def test_a_source_gone_while_bundling_is_object_not_found(tmp_path: Path) -> None:
+    """A member that is not there fails the bundle with its key and leaves nothing."""
+    storage = LocalStorage(tmp_path, b"k" * 32)
+    await storage.open()
+    members = [*_sources(storage, [1024]), ZipMember("gone.zip", "downloads/99999.zip", 10)]
+    with pytest.raises(exceptions.ObjectNotFound, match=r"downloads/99999\.zip"):
+        await storage.write_zip("bundles/d.zip", members)
+    assert [] == sorted(p.name for p in (tmp_path / "bundles").iterdir())

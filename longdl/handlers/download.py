@@ -7,15 +7,12 @@ written to ``bundles/{job_id}.zip``.
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 import random
-from collections.abc import AsyncIterator
 
 from longdl import exceptions
 from longdl.engine import Artifact, JobContext
 from longdl.models import JobStatus
-from longdl.zipstream import Entry, zip_entries
+from longdl.storage import ZipMember
 
 #: Share of the progress bar spent resolving files; the rest is bundling bytes.
 RESOLVE_SHARE = 20.0
@@ -115,7 +112,6 @@ async def _bundle(
     await ctx.set_status(JobStatus.PROCESSING_ARTIFACTS)
     bytes_total = sum(sizes.values())
     files_total = len(file_ids)
-    state = {"bytes": 0}
     ctx.report(
         message=f"Bundling 0/{files_total} files",
         bytes_done=0,
@@ -124,47 +120,32 @@ async def _bundle(
         files_total=files_total,
     )
 
-    def on_bytes(count: int) -> None:
-        state["bytes"] += count
-        done_share = state["bytes"] / bytes_total if bytes_total else 1.0
+    def on_progress(files_done: int, bytes_done: int) -> None:
+        done_share = bytes_done / bytes_total if bytes_total else 1.0
         ctx.report(
             percent=min(99.0, share + (100 - share) * done_share),
-            bytes_done=state["bytes"],
+            message=f"Bundling {min(files_done + 1, files_total)}/{files_total} files",
+            bytes_done=bytes_done,
+            files_done=files_done,
         )
 
-    def reader(index: int, file_id: int) -> AsyncIterator[bytes]:
-        async def chunks() -> AsyncIterator[bytes]:
-            ctx.report(message=f"Bundling {index}/{files_total} files", files_done=index - 1)
-            try:
-                async for chunk in ctx.storage.read(source_key(file_id)):
-                    yield chunk
-            except exceptions.ObjectNotFound as exc:
-                raise exceptions.JobFailed(
-                    "FILE_NOT_FOUND", f"File {file_id} disappeared while bundling"
-                ) from exc
-            ctx.report(files_done=index)
-
-        return chunks()
-
-    entries = [
-        Entry(f"{file_id}.zip", sizes[file_id], functools.partial(reader, index, file_id))
-        for index, file_id in enumerate(file_ids, start=1)
+    members = [
+        ZipMember(f"{file_id}.zip", source_key(file_id), sizes[file_id]) for file_id in file_ids
     ]
-    digest = hashlib.sha256()
-
-    async def hashed() -> AsyncIterator[bytes]:
-        async for chunk in zip_entries(entries, on_bytes):
-            digest.update(chunk)
-            yield chunk
-
     key = bundle_key(ctx.job_id)
-    info = await ctx.storage.write(key, hashed(), content_type="application/zip")
+    try:
+        written = await ctx.storage.write_zip(key, members, on_progress)
+    except exceptions.ObjectNotFound as exc:
+        file_id = next((i for i in file_ids if source_key(i) == str(exc)), None)
+        raise exceptions.JobFailed(
+            "FILE_NOT_FOUND", f"File {file_id or exc} disappeared while bundling"
+        ) from exc
     return Artifact(
         key=key,
         filename=f"bundle-{ctx.job_id[:8]}.zip",
-        size_bytes=info.size_bytes,
+        size_bytes=written.info.size_bytes,
         owned=True,
-        sha256=digest.hexdigest(),
+        sha256=written.sha256,
         content_type="application/zip",
         details=details,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -25,9 +27,13 @@ from longdl.storage.base import (
     Partial,
     SignedUrl,
     Storage,
+    ZipMember,
+    ZipProgress,
+    ZipWritten,
     commit_or_undo,
     validate_key,
 )
+from longdl.zipstream import ZipWriter
 
 FILES_PREFIX = "/files/"
 #: ``.{name}.{writer}.{random}.part``: the writer is the worker id, or ``-`` for none.
@@ -169,8 +175,7 @@ class LocalStorage(Storage):
         await asyncio.to_thread(
             path.parent.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True
         )
-        writer = self.writer_id if _PART_FILE_WRITER.match(self.writer_id) else _NO_WRITER
-        tmp = path.with_name(f".{path.name}.{writer}.{uuid.uuid4().hex}.part")
+        tmp = self._part_path(path)
         size = 0
         try:
             fh = await asyncio.to_thread(_create_private, tmp)
@@ -193,6 +198,58 @@ class LocalStorage(Storage):
                 tmp.unlink(missing_ok=True)
             raise
         return ObjectInfo(key=key, size_bytes=size)
+
+    async def write_zip(
+        self,
+        key: str,
+        members: Sequence[ZipMember],
+        on_progress: ZipProgress | None = None,
+    ) -> ZipWritten:
+        """Bundle on threads of the storage's own: one reads the sources in 1 MiB
+        chunks, computes CRC-32 (zlib, without the GIL) and writes the archive; another
+        computes its SHA-256 meanwhile. The loop only hears progress; a cancel stops the
+        copy at the next chunk and leaves nothing (the rename is waited out as in
+        :meth:`write`)."""
+        path = self.path_of(key)
+        sources = [(member, self.path_of(member.key)) for member in members]
+        await asyncio.to_thread(
+            path.parent.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True
+        )
+        tmp = self._part_path(path)
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def progress(files_done: int, bytes_done: int) -> None:
+            if on_progress is not None:
+                loop.call_soon_threadsafe(on_progress, files_done, bytes_done)
+
+        work = asyncio.ensure_future(asyncio.to_thread(_zip_files, tmp, sources, stop, progress))
+        try:
+            try:
+                size, digest = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                stop.set()
+                while not work.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({work})
+                raise
+            await commit_or_undo(
+                asyncio.to_thread(os.replace, tmp, path),
+                lambda: asyncio.to_thread(path.unlink, missing_ok=True),
+            )
+        except OSError as exc:
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            raise _storage_error("write", key, exc) from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        return ZipWritten(ObjectInfo(key=key, size_bytes=size), digest)
+
+    def _part_path(self, path: Path) -> Path:
+        """Where an object is written before its rename: named after its writer."""
+        writer = self.writer_id if _PART_FILE_WRITER.match(self.writer_id) else _NO_WRITER
+        return path.with_name(f".{path.name}.{writer}.{uuid.uuid4().hex}.part")
 
     async def delete(self, key: str) -> None:
         try:
@@ -286,3 +343,119 @@ class LocalStorage(Storage):
         if expires_at < self._clock():
             raise exceptions.InvalidSignature("link expired")
         return path
+
+
+#: Bytes read from a source at a time while bundling.
+ZIP_CHUNK_BYTES = 1 << 20
+#: Chunk buffers in turn: one being read and written while the others wait to be
+#: hashed (memory: this many chunks).
+ZIP_BUFFERS = 4
+#: Progress is reported after this many bytes at least.
+PROGRESS_BYTES = 8 << 20
+
+
+class _Stopped(Exception):
+    """The bundle's job was stopped."""
+
+
+def _zip_files(
+    tmp: Path,
+    sources: Sequence[tuple[ZipMember, Path]],
+    stop: threading.Event,
+    progress: ZipProgress,
+) -> tuple[int, str]:
+    """Write the archive of ``sources`` to ``tmp``; its size and SHA-256 (a thread).
+
+    Each chunk is read once into one of ``ZIP_BUFFERS`` buffers for its CRC-32 (here)
+    and SHA-256 (on a second thread), both without the GIL; a buffer is read into again
+    only once its hash is done. The archive gets the chunk by ``copy_file_range``: a
+    copy inside the kernel, steadier and about as fast as ``cat`` where ``write`` from
+    the buffer was 0.2-2 s per GiB here. Where the kernel cannot (another OS, some
+    filesystems) the buffer is written.
+    """
+    digest = hashlib.sha256()
+    buffers = [bytearray(ZIP_CHUNK_BYTES) for _ in range(ZIP_BUFFERS)]
+    hashed: list[concurrent.futures.Future[None] | None] = [None] * ZIP_BUFFERS
+    last: concurrent.futures.Future[None] | None = None
+    kernel_copy = _KERNEL_COPY
+    written = 0
+    with (
+        concurrent.futures.ThreadPoolExecutor(1, "longdl zip hash") as hasher,
+        _create_private(tmp) as out,
+        contextlib.ExitStack() as stack,
+    ):
+        out_fd = out.fileno()
+
+        def emit(data: bytes | memoryview) -> None:
+            nonlocal written, last
+            last = hasher.submit(digest.update, data)
+            _write_all(out_fd, data)
+            written += len(data)
+
+        writer = stack.enter_context(ZipWriter(emit))
+        copied = reported = turn = 0
+        for done, (member, source) in enumerate(sources):
+            try:
+                fh = source.open("rb", buffering=0)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+                raise exceptions.ObjectNotFound(member.key) from exc
+            with fh:
+                src_fd = fh.fileno()
+                writer.begin(member.name, member.size_bytes)
+                offset = 0
+                while True:
+                    slot = turn % ZIP_BUFFERS
+                    if (pending := hashed[slot]) is not None:
+                        pending.result()  # that buffer's bytes are hashed: reuse it
+                    if not (count := fh.readinto(buffers[slot])):
+                        break
+                    if stop.is_set():
+                        raise _Stopped
+                    chunk = memoryview(buffers[slot])[:count]
+                    writer.account(chunk)
+                    hashed[slot] = last = hasher.submit(digest.update, chunk)
+                    if kernel_copy:
+                        kernel_copy = _copy_range(src_fd, out_fd, offset, count)
+                    if not kernel_copy:
+                        _write_all(out_fd, chunk)
+                    written += count
+                    offset += count
+                    turn += 1
+                    copied += count
+                    if copied - reported >= PROGRESS_BYTES:
+                        reported = copied
+                        progress(done, copied)
+                writer.end()
+            progress(done + 1, copied)
+        writer.close()
+        if last is not None:
+            last.result()
+    return written, digest.hexdigest()
+
+
+_KERNEL_COPY = hasattr(os, "copy_file_range")
+#: What copy_file_range raises where the kernel or filesystem cannot copy this way.
+_NO_KERNEL_COPY = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_range(src_fd: int, out_fd: int, offset: int, count: int) -> bool:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``out_fd`` in the kernel;
+    False (nothing appended) where this kernel or filesystem cannot."""
+    done = 0
+    while done < count:
+        try:
+            step = os.copy_file_range(src_fd, out_fd, count - done, offset + done)
+        except OSError as exc:
+            if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if step == 0:  # the source shrank under us
+            raise OSError(errno.EIO, "source changed while bundling")
+        done += step
+    return True
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

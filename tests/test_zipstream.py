@@ -1,0 +1,80 @@
+"""The streaming ZIP writer: archives that standard readers open, however they end."""
+
+from __future__ import annotations
+
+import gc
+import io
+import sys
+import zipfile
+
+import pytest
+
+from longdl.zipstream import ZipWriter
+
+
+def _archive(writer: ZipWriter, entries: dict[str, bytes], chunk: int = 7) -> bytes:
+    out = bytearray()
+    for name, data in entries.items():
+        out += writer.begin(name, len(data))
+        for start in range(0, len(data), chunk):
+            out += writer.write(data[start : start + chunk])
+        out += writer.end()
+    out += writer.close()
+    return bytes(out)
+
+
+@pytest.mark.parametrize("force_zip64", [False, True], ids=["zip", "zip64"])
+def test_streamed_archive_reads_back(force_zip64: bool) -> None:
+    entries = {"a.bin": b"x" * 100, "empty": b"", "b.bin": bytes(range(256))}
+    data = _archive(ZipWriter(force_zip64=force_zip64), entries)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        assert {name: archive.read(name) for name in archive.namelist()} == entries
+        stored = {info.compress_type for info in archive.infolist()}
+        assert stored == {zipfile.ZIP_STORED}
+
+
+def test_emit_gets_the_same_bytes_and_account_leaves_them_to_the_caller() -> None:
+    """With ``emit`` the writer hands over every byte; ``account`` bytes the caller
+    places itself, and the archive is the same as the plain one."""
+    entries = {"a.bin": b"hello world" * 50, "b.bin": b"zz"}
+    plain = _archive(ZipWriter(), entries)
+    out = bytearray()
+    writer = ZipWriter(out.extend)
+    for name, data in entries.items():
+        writer.begin(name, len(data))
+        writer.account(data)
+        out += data
+        writer.end()
+    writer.close()
+    with zipfile.ZipFile(io.BytesIO(bytes(out))) as archive:
+        assert archive.testzip() is None
+        assert {name: archive.read(name) for name in archive.namelist()} == entries
+    assert len(out) == len(plain)
+
+
+def test_an_abandoned_archive_emits_nothing_more_and_raises_nothing_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bundle whose source fails: the writer goes quiet, and collecting it later does
+    not try to finish the archive (which raised in the garbage collector)."""
+    emitted: list[bytes] = []
+    open_for_writes = True
+
+    def emit(data: bytes | memoryview) -> None:
+        if not open_for_writes:  # as the bundle's hashing thread, shut down by now
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        emitted.append(bytes(data))
+
+    with pytest.raises(RuntimeError, match="source failed"), ZipWriter(emit) as writer:
+        writer.begin("half.bin", 10)
+        writer.write(b"12345")
+        raise RuntimeError("source failed")
+    count = len(emitted)
+    open_for_writes = False
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    del writer
+    gc.collect()
+    assert len(emitted) == count
+    assert unraisable == []
