@@ -117,8 +117,9 @@ async def test_a_write_cancelled_while_waiting_for_the_lock_never_runs(
     first = asyncio.create_task(store.insert_job(new_job("first")))
 
     async def writer_took_it() -> bool:
-        # The writer thread has taken ``first`` and waits for the lock (private probe).
-        return store._writer is not None and store._writer._queue.empty()
+        # The thread writer has taken ``first`` and waits for the lock (private probe).
+        # Its queue alone is empty before ``first`` reaches it, too.
+        return store._writer is not None and store._writer.taken >= 1
 
     await wait_for(writer_took_it)
     queued = asyncio.create_task(store.insert_job(new_job("queued")))

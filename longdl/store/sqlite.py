@@ -247,6 +247,8 @@ class _Writer:
         self._thread = threading.Thread(target=self._serve, name="longdl sqlite writer")
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closed = False
+        #: Units taken off the queue so far (whether they ran or were dropped).
+        self.taken = 0
 
     async def start(self) -> None:
         self._thread.start()
@@ -293,6 +295,7 @@ class _Writer:
                         stop = True
                         break
                     batch.append(more)
+                self.taken += len(batch)
                 self._execute(conn, batch)
                 if stop:
                     return
