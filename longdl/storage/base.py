@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import functools
 import hashlib
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from longdl import exceptions
@@ -68,6 +69,17 @@ class Partial:
     started_at: float
 
 
+async def outlast(task: asyncio.Future[Any]) -> None:
+    """Wait until ``task`` has ended, through cancellations of our own (the caller
+    re-raises its own), and read its outcome so no "exception was never retrieved" is
+    logged: for work that must not be left running behind a cancelled caller."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
+
+
 async def commit_or_undo(commit: Awaitable[T], undo: Callable[[], Awaitable[None]]) -> T:
     """Run the step that makes an object appear (a rename, a multipart completion) to its
     end even when the caller is cancelled meanwhile; if the caller was cancelled and the
@@ -77,18 +89,9 @@ async def commit_or_undo(commit: Awaitable[T], undo: Callable[[], Awaitable[None
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        while not task.done():
-            try:
-                await asyncio.wait({task})
-            except asyncio.CancelledError:
-                continue  # waited out: the cancellation is re-raised below
+        await outlast(task)  # the cancellation is re-raised below
         if not task.cancelled() and task.exception() is None:
-            undo_task = asyncio.ensure_future(undo())
-            while not undo_task.done():
-                try:
-                    await asyncio.wait({undo_task})
-                except asyncio.CancelledError:
-                    continue
+            await outlast(asyncio.ensure_future(undo()))
         raise
 
 

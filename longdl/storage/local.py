@@ -31,6 +31,7 @@ from longdl.storage.base import (
     ZipProgress,
     ZipWritten,
     commit_or_undo,
+    outlast,
     validate_key,
 )
 from longdl.zipstream import ZipWriter
@@ -229,9 +230,7 @@ class LocalStorage(Storage):
                 size, digest = await asyncio.shield(work)
             except asyncio.CancelledError:
                 stop.set()
-                while not work.done():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({work})
+                await outlast(work)  # the threads stop at the next chunk
                 raise
             await commit_or_undo(
                 asyncio.to_thread(os.replace, tmp, path),

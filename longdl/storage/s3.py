@@ -29,6 +29,7 @@ from longdl.storage.base import (
     Storage,
     commit_or_undo,
     content_disposition,
+    outlast,
     validate_key,
 )
 
@@ -485,10 +486,7 @@ class _MultipartUpload:
         client, bucket, key = self._storage.client, self._storage.bucket, self._key
         with _translated(key):
             if self._upload_id is None:
-                created = await client.create_multipart_upload(
-                    Bucket=bucket, Key=key, ContentType=self._content_type
-                )
-                self._upload_id = str(created["UploadId"])
+                await self._create()
             number = len(self._parts) + 1
             data.seek(0)
             try:
@@ -504,6 +502,24 @@ class _MultipartUpload:
                 # live on in a reference cycle until the next garbage collection.
                 data.close()
         self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
+
+    async def _create(self) -> None:
+        """Start the upload; its id is kept even when a cancel lands meanwhile, so the
+        abort that follows finds the upload the server did create."""
+        storage = self._storage
+        create = asyncio.ensure_future(
+            storage.client.create_multipart_upload(
+                Bucket=storage.bucket, Key=self._key, ContentType=self._content_type
+            )
+        )
+        try:
+            created = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            await outlast(create)
+            if not create.cancelled() and create.exception() is None:
+                self._upload_id = str(create.result()["UploadId"])
+            raise
+        self._upload_id = str(created["UploadId"])
 
     async def complete(self) -> None:
         with _translated(self._key):
