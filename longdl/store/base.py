@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+import orjson
+
 from longdl.models import Job, JobStatus, Priority, Progress
 
 T = TypeVar("T")
@@ -36,6 +38,11 @@ ACTIVE_STATUSES = (JobStatus.QUEUED, *HELD_STATUSES)
 
 #: The error of a job whose worker kept dying under it.
 WORKER_LOST = "WORKER_LOST"
+
+
+def dump_json(value: Any) -> str | None:
+    """The JSON text a store keeps for ``value`` (compact; None stays NULL)."""
+    return None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def requeued_progress(job: Job, message: str) -> Progress:
@@ -434,3 +441,98 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def count_webhook_deliveries(self) -> dict[str, int]:
         """Deliveries by status (pending, delivered, failed)."""
+
+
+class SQLStore(Store):
+    """What the SQL backends share: each write of a held job is one named statement,
+    guarded by its worker, that returns the job's new row (none if the worker no
+    longer holds it). A backend runs such a statement in :meth:`_held_write`."""
+
+    _clock: Callable[[], float]
+
+    @abc.abstractmethod
+    async def _held_write(self, name: str, params: dict[str, Any]) -> Job | None:
+        """Run statement ``name`` with ``params`` (plus ``now``, unless given) as one
+        write; the job it returned, or None."""
+
+    async def set_status(
+        self, job_id: str, worker_id: str, status: JobStatus, progress: Progress
+    ) -> Job | None:
+        return await self._held_write(
+            "set_status",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "status": status.value,
+                "progress": dump_json(progress.to_dict()),
+            },
+        )
+
+    async def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        result: dict[str, Any],
+        progress: Progress,
+        ttl_s: float,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._held_write(
+            "complete",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "result": dump_json(result),
+                "progress": dump_json(progress.to_dict()),
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    async def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        error: dict[str, Any],
+        progress: Progress,
+        ttl_s: float,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._held_write(
+            "fail",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "error": dump_json(error),
+                "progress": dump_json(progress.to_dict()),
+                "expires_at": now + ttl_s,
+            },
+        )
+
+    async def retry_later(
+        self,
+        job_id: str,
+        worker_id: str,
+        delay_s: float,
+        error: dict[str, Any],
+        progress: Progress,
+    ) -> Job | None:
+        now = self._clock()
+        return await self._held_write(
+            "retry_later",
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "run_after": now + delay_s,
+                "error": dump_json(error),
+                "progress": dump_json(progress.to_dict()),
+            },
+        )
+
+    async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:
+        return await self._held_write(
+            "release",
+            {"id": job_id, "worker_id": worker_id, "progress": dump_json(progress.to_dict())},
+        )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import re
 import time
@@ -49,6 +48,7 @@ from longdl.store.base import (
     TrashItem,
     WebhookDelivery,
     WorkerInfo,
+    dump_json,
 )
 from longdl.store.queries import migrations, queries
 from longdl.store.sqlite import row_to_delivery, row_to_job
@@ -90,10 +90,6 @@ class _Statement:
 
 
 S = {name: _Statement(query.sql) for name, query in queries("postgres").items()}
-
-
-def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
 def translate(exc: BaseException) -> exceptions.StoreUnavailable:
@@ -205,7 +201,7 @@ class _Writer:
                 future.set_exception(failure)
 
 
-class PostgresStore(base.Store):
+class PostgresStore(base.SQLStore):
     """Durable job state in a PostgreSQL database that replicas share.
 
     Args:
@@ -425,7 +421,7 @@ class PostgresStore(base.Store):
             "owner": owner,
             "client": owner if client is None else client,
             "user_id": user_id,
-            "statuses": json.dumps([s.value for s in statuses]) if statuses else None,
+            "statuses": dump_json([s.value for s in statuses]) if statuses else None,
             "limit": limit,
         }
         name = "list_jobs"
@@ -462,9 +458,9 @@ class PostgresStore(base.Store):
             "id": new.id,
             "kind": new.kind,
             "priority": int(new.priority),
-            "payload": _dumps(new.payload),
+            "payload": dump_json(new.payload),
             "max_attempts": new.max_attempts,
-            "progress": _dumps(progress.to_dict()),
+            "progress": dump_json(progress.to_dict()),
             "owner": new.owner,
             "client": new.client,
             "user_id": new.user_id,
@@ -560,7 +556,12 @@ class PostgresStore(base.Store):
         now = self._clock()
         updates = [
             S["save_progress"].args(
-                {"id": job_id, "worker_id": worker_id, "now": now, "progress": _dumps(p.to_dict())}
+                {
+                    "id": job_id,
+                    "worker_id": worker_id,
+                    "now": now,
+                    "progress": dump_json(p.to_dict()),
+                }
             )
             for job_id, p in progress.items()
         ]
@@ -599,8 +600,8 @@ class PostgresStore(base.Store):
                     params = {
                         "id": job.id,
                         "now": now,
-                        "error": _dumps(error),
-                        "progress": _dumps(progress.to_dict()),
+                        "error": dump_json(error),
+                        "progress": dump_json(progress.to_dict()),
                         "expires_at": now + ttl_s,
                     }
                     lost = await _fetchrow(conn, "fail_stalled", params)
@@ -608,7 +609,7 @@ class PostgresStore(base.Store):
                         rescued.lost.append(row_to_job(lost))
                 else:
                     progress = base.requeued_progress(job, "Re-queued: its worker stopped")
-                    params = {"id": job.id, "now": now, "progress": _dumps(progress.to_dict())}
+                    params = {"id": job.id, "now": now, "progress": dump_json(progress.to_dict())}
                     again = await _fetchrow(conn, "requeue_stalled", params)
                     if again is not None:
                         rescued.requeued.append(row_to_job(again))
@@ -618,7 +619,7 @@ class PostgresStore(base.Store):
 
     # --- a held job --------------------------------------------------------------------
 
-    async def _job_write(self, name: str, params: dict[str, Any]) -> Job | None:
+    async def _held_write(self, name: str, params: dict[str, Any]) -> Job | None:
         params = {"now": self._clock(), **params}
 
         async def unit(conn: asyncpg.Connection) -> Job | None:
@@ -627,91 +628,9 @@ class PostgresStore(base.Store):
 
         return await self._write(unit)
 
-    async def set_status(
-        self, job_id: str, worker_id: str, status: JobStatus, progress: Progress
-    ) -> Job | None:
-        return await self._job_write(
-            "set_status",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "status": status.value,
-                "progress": _dumps(progress.to_dict()),
-            },
-        )
-
     async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
         params = {"id": job_id, "worker_id": worker_id, "key": key}
         await self._write(lambda conn: _execute(conn, "add_output", params))
-
-    async def complete(
-        self,
-        job_id: str,
-        worker_id: str,
-        result: dict[str, Any],
-        progress: Progress,
-        ttl_s: float,
-    ) -> Job | None:
-        now = self._clock()
-        return await self._job_write(
-            "complete",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "result": _dumps(result),
-                "progress": _dumps(progress.to_dict()),
-                "expires_at": now + ttl_s,
-            },
-        )
-
-    async def fail(
-        self,
-        job_id: str,
-        worker_id: str,
-        error: dict[str, Any],
-        progress: Progress,
-        ttl_s: float,
-    ) -> Job | None:
-        now = self._clock()
-        return await self._job_write(
-            "fail",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "error": _dumps(error),
-                "progress": _dumps(progress.to_dict()),
-                "expires_at": now + ttl_s,
-            },
-        )
-
-    async def retry_later(
-        self,
-        job_id: str,
-        worker_id: str,
-        delay_s: float,
-        error: dict[str, Any],
-        progress: Progress,
-    ) -> Job | None:
-        now = self._clock()
-        return await self._job_write(
-            "retry_later",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "run_after": now + delay_s,
-                "error": _dumps(error),
-                "progress": _dumps(progress.to_dict()),
-            },
-        )
-
-    async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:
-        return await self._job_write(
-            "release",
-            {"id": job_id, "worker_id": worker_id, "progress": _dumps(progress.to_dict())},
-        )
 
     async def release_all(self, worker_id: str, message: str) -> list[str]:
         params = {"worker_id": worker_id, "message": message, "now": self._clock()}
@@ -726,12 +645,12 @@ class PostgresStore(base.Store):
     async def cancel(self, job_id: str, ttl_s: float, message: str) -> Job | None:
         now = self._clock()
         error = {"code": "CANCELED", "message": message, "retryable": False}
-        return await self._job_write(
+        return await self._held_write(
             "cancel",
             {
                 "id": job_id,
                 "now": now,
-                "error": _dumps(error),
+                "error": dump_json(error),
                 "message": message,
                 "expires_at": now + ttl_s,
             },

@@ -53,6 +53,7 @@ from longdl.store.base import (
     TrashItem,
     WebhookDelivery,
     WorkerInfo,
+    dump_json,
 )
 from longdl.store.queries import migrations, queries
 
@@ -74,10 +75,6 @@ READ_BUSY_TIMEOUT_MS = 50
 CHECKPOINT_INTERVAL_S = 1.0
 #: Worker rows without a heartbeat for this many seconds are forgotten.
 WORKER_ROW_TTL_S = 24 * 3600
-
-
-def _dumps(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _loads(text: str | None) -> Any:
@@ -478,7 +475,7 @@ class _WorkerLocks:
             self._path(worker_id).unlink()
 
 
-class SQLiteStore(base.Store):
+class SQLiteStore(base.SQLStore):
     """Durable job state in one SQLite file (WAL mode).
 
     Args:
@@ -718,9 +715,9 @@ class SQLiteStore(base.Store):
             "id": new.id,
             "kind": new.kind,
             "priority": int(new.priority),
-            "payload": _dumps(new.payload),
+            "payload": dump_json(new.payload),
             "max_attempts": new.max_attempts,
-            "progress": _dumps(progress.to_dict()),
+            "progress": dump_json(progress.to_dict()),
             "owner": new.owner,
             "client": new.client,
             "user_id": new.user_id,
@@ -804,7 +801,7 @@ class SQLiteStore(base.Store):
     ) -> Heartbeat:
         now = self._clock()
         updates = [
-            {"id": job_id, "worker_id": worker_id, "now": now, "progress": _dumps(p.to_dict())}
+            {"id": job_id, "worker_id": worker_id, "now": now, "progress": dump_json(p.to_dict())}
             for job_id, p in progress.items()
         ]
 
@@ -844,8 +841,8 @@ class SQLiteStore(base.Store):
                     params = {
                         "id": job.id,
                         "now": now,
-                        "error": _dumps(error),
-                        "progress": _dumps(progress.to_dict()),
+                        "error": dump_json(error),
+                        "progress": dump_json(progress.to_dict()),
                         "expires_at": now + ttl_s,
                     }
                     lost = conn.execute(Q["fail_stalled"], params).fetchone()
@@ -853,7 +850,7 @@ class SQLiteStore(base.Store):
                         rescued.lost.append(row_to_job(lost))
                 else:
                     progress = base.requeued_progress(job, "Re-queued: its worker stopped")
-                    params = {"id": job.id, "now": now, "progress": _dumps(progress.to_dict())}
+                    params = {"id": job.id, "now": now, "progress": dump_json(progress.to_dict())}
                     again = conn.execute(Q["requeue_stalled"], params).fetchone()
                     if again is not None:
                         rescued.requeued.append(row_to_job(again))
@@ -875,93 +872,11 @@ class SQLiteStore(base.Store):
 
         return await self._write(unit)
 
-    async def set_status(
-        self, job_id: str, worker_id: str, status: JobStatus, progress: Progress
-    ) -> Job | None:
-        return await self._held_write(
-            "set_status",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "status": status.value,
-                "progress": _dumps(progress.to_dict()),
-            },
-        )
-
     async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
         await self._write(
             lambda conn: conn.execute(
                 Q["add_output"], {"id": job_id, "worker_id": worker_id, "key": key}
             )
-        )
-
-    async def complete(
-        self,
-        job_id: str,
-        worker_id: str,
-        result: dict[str, Any],
-        progress: Progress,
-        ttl_s: float,
-    ) -> Job | None:
-        now = self._clock()
-        return await self._held_write(
-            "complete",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "result": _dumps(result),
-                "progress": _dumps(progress.to_dict()),
-                "expires_at": now + ttl_s,
-            },
-        )
-
-    async def fail(
-        self,
-        job_id: str,
-        worker_id: str,
-        error: dict[str, Any],
-        progress: Progress,
-        ttl_s: float,
-    ) -> Job | None:
-        now = self._clock()
-        return await self._held_write(
-            "fail",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "error": _dumps(error),
-                "progress": _dumps(progress.to_dict()),
-                "expires_at": now + ttl_s,
-            },
-        )
-
-    async def retry_later(
-        self,
-        job_id: str,
-        worker_id: str,
-        delay_s: float,
-        error: dict[str, Any],
-        progress: Progress,
-    ) -> Job | None:
-        now = self._clock()
-        return await self._held_write(
-            "retry_later",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "run_after": now + delay_s,
-                "error": _dumps(error),
-                "progress": _dumps(progress.to_dict()),
-            },
-        )
-
-    async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:
-        return await self._held_write(
-            "release",
-            {"id": job_id, "worker_id": worker_id, "progress": _dumps(progress.to_dict())},
         )
 
     async def release_all(self, worker_id: str, message: str) -> list[str]:
@@ -980,7 +895,7 @@ class SQLiteStore(base.Store):
             {
                 "id": job_id,
                 "now": now,
-                "error": _dumps(error),
+                "error": dump_json(error),
                 "message": message,
                 "expires_at": now + ttl_s,
             },
