@@ -167,18 +167,10 @@ class LocalStorage(Storage):
         chunks: AsyncIterable[bytes],
         content_type: str = "application/octet-stream",
     ) -> ObjectInfo:
-        """Write into a part file named after the writer, then rename it into place.
-
-        A cancel that lands during the rename waits it out and removes the object, so a
-        canceled write leaves nothing, however late it comes.
-        """
-        path = self.path_of(key)
-        await asyncio.to_thread(
-            path.parent.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True
-        )
-        tmp = self._part_path(path)
+        """Write into a part file named after the writer, then rename it into place;
+        a canceled write leaves nothing (see :meth:`_part_file`)."""
         size = 0
-        try:
+        async with self._part_file(key) as tmp:
             fh = await asyncio.to_thread(_create_private, tmp)
             try:
                 async for chunk in chunks:
@@ -186,6 +178,51 @@ class LocalStorage(Storage):
                     size += len(chunk)
             finally:
                 fh.close()
+        return ObjectInfo(key=key, size_bytes=size)
+
+    async def write_zip(
+        self,
+        key: str,
+        members: Sequence[ZipMember],
+        on_progress: ZipProgress | None = None,
+    ) -> ZipWritten:
+        """Bundle on threads of the storage's own (see :func:`_zip_files`): the loop only
+        hears progress; a cancel stops the copy at the next chunk and leaves nothing."""
+        sources = [(member, self.path_of(member.key)) for member in members]
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def progress(files_done: int, bytes_done: int) -> None:
+            if on_progress is not None:
+                loop.call_soon_threadsafe(on_progress, files_done, bytes_done)
+
+        async with self._part_file(key) as tmp:
+            work = asyncio.ensure_future(
+                asyncio.to_thread(_zip_files, tmp, sources, stop, progress)
+            )
+            try:
+                size, digest = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                stop.set()
+                await outlast(work)  # the threads stop at the next chunk
+                raise
+        return ZipWritten(ObjectInfo(key=key, size_bytes=size), digest)
+
+    @contextlib.asynccontextmanager
+    async def _part_file(self, key: str) -> AsyncIterator[Path]:
+        """The part file to write ``key`` into, renamed into place when the block ends.
+
+        If the block fails, or is cancelled, the part file is removed; a cancel that
+        lands during the rename waits it out and removes the object, so a cancelled
+        write leaves nothing, however late it comes.
+        """
+        path = self.path_of(key)
+        await asyncio.to_thread(
+            path.parent.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True
+        )
+        tmp = self._part_path(path)
+        try:
+            yield tmp
             await commit_or_undo(
                 asyncio.to_thread(os.replace, tmp, path),
                 lambda: asyncio.to_thread(path.unlink, missing_ok=True),
@@ -198,52 +235,6 @@ class LocalStorage(Storage):
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
-        return ObjectInfo(key=key, size_bytes=size)
-
-    async def write_zip(
-        self,
-        key: str,
-        members: Sequence[ZipMember],
-        on_progress: ZipProgress | None = None,
-    ) -> ZipWritten:
-        """Bundle on threads of the storage's own: one reads the sources in 1 MiB
-        chunks, computes CRC-32 (zlib, without the GIL) and writes the archive; another
-        computes its SHA-256 meanwhile. The loop only hears progress; a cancel stops the
-        copy at the next chunk and leaves nothing (the rename is waited out as in
-        :meth:`write`)."""
-        path = self.path_of(key)
-        sources = [(member, self.path_of(member.key)) for member in members]
-        await asyncio.to_thread(
-            path.parent.mkdir, mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True
-        )
-        tmp = self._part_path(path)
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-
-        def progress(files_done: int, bytes_done: int) -> None:
-            if on_progress is not None:
-                loop.call_soon_threadsafe(on_progress, files_done, bytes_done)
-
-        work = asyncio.ensure_future(asyncio.to_thread(_zip_files, tmp, sources, stop, progress))
-        try:
-            try:
-                size, digest = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                stop.set()
-                await outlast(work)  # the threads stop at the next chunk
-                raise
-            await commit_or_undo(
-                asyncio.to_thread(os.replace, tmp, path),
-                lambda: asyncio.to_thread(path.unlink, missing_ok=True),
-            )
-        except OSError as exc:
-            await asyncio.to_thread(tmp.unlink, missing_ok=True)
-            raise _storage_error("write", key, exc) from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
-        return ZipWritten(ObjectInfo(key=key, size_bytes=size), digest)
 
     def _part_path(self, path: Path) -> Path:
         """Where an object is written before its rename: named after its writer."""
