@@ -185,6 +185,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    # Sent, and read by nothing again; a held stream would keep them (~3 KiB each).
+    response.headers.clear()
     stream = _Stream(request, response, seen_id or 0)
     with contextlib.suppress(ConnectionError):
         await response.write(f"retry: {RECONNECT_MS}\n\n".encode())

@@ -120,12 +120,14 @@ async def _answer(
     """Authenticate, count and handle the request within its deadline."""
     limit_s = policy.deadline_of(request)
     if limit_s is None:
-        return await _counted(request, handler, rules)
+        await _admit(request, rules)
+        return await handler(request)
     deadlines = request.app[DEADLINES]
     task = request.task
     deadlines.enter(task, limit_s)
     try:
-        return await _counted(request, handler, rules)
+        await _admit(request, rules)
+        return await handler(request)
     except asyncio.CancelledError:
         if not deadlines.leave(task):
             raise
@@ -137,9 +139,11 @@ async def _answer(
             task.uncancel()
 
 
-async def _counted(
-    request: web.Request, handler: Handler, rules: policy.Policy
-) -> web.StreamResponse:
+async def _admit(request: web.Request, rules: policy.Policy) -> None:
+    """Authenticate the request and count it against its budget, or raise the problem.
+
+    Awaited before the handler, not around it: a held long-poll keeps no frame of it.
+    """
     if rules.guarded(request):
         await policy.authenticate(request, rules)
     budget = policy.budget_of(request)
@@ -151,7 +155,6 @@ async def _counted(
     request[RATE_WINDOW] = window
     if not allowed:
         raise policy.over_budget(window)
-    return await handler(request)
 
 
 def install(app: web.Application) -> None:

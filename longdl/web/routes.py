@@ -523,7 +523,9 @@ async def status(request: web.Request) -> web.StreamResponse:
         and not engine.stopping
         and client_tag in (None, job_view.etag)
     ):
-        job, job_view = await _wait_for_change(request, job, job_view, changed, wait_s)
+        tag = job_view.etag
+        del job, job_view  # a waiting long-poll keeps the tag it compares, not the job
+        job, job_view = await _wait_for_change(request, tag, changed, wait_s)
     tag = job_view.etag
     if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
         return web.Response(status=304, headers=poll_headers(job, tag))
@@ -544,35 +546,32 @@ async def visible_view(request: web.Request) -> tuple[Job, resource.View]:
 
 
 async def _wait_for_change(
-    request: web.Request,
-    job: Job,
-    job_view: resource.View,
-    changed: asyncio.Event,
-    wait_s: float,
+    request: web.Request, tag: str, changed: asyncio.Event, wait_s: float
 ) -> tuple[Job, resource.View]:
-    """Wait up to ``wait_s`` until the job differs from ``tag`` (what the client holds).
+    """Wait up to ``wait_s`` until the job differs from ``tag`` (what the client holds),
+    then read it.
 
     A wake-up that changed nothing the client sees (a notification of a change it
     already has, a progress report that rounds to the same) waits on, so a long-poll
-    answers a change or its time limit, never a spurious wake-up.
+    answers a change or its time limit, never a spurious wake-up. Nothing of the job is
+    kept while it waits: 10,000 held long-polls hold 10,000 tags, not 10,000 jobs.
     """
     engine = request.app[keys.ENGINE]
+    job_id = request.match_info["job_id"]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    tag = job_view.etag
     while not engine.stopping:
         try:
             async with asyncio.timeout(deadline - loop.time()):
                 await changed.wait()
         except TimeoutError:
             break
-        changed = engine.hub.event(job.id)
+        changed = engine.hub.event(job_id)
         job, job_view = await visible_view(request)
         if job_view.etag != tag or job.status.finished:
             return job, job_view
-    if engine.stopping:
-        return await visible_view(request)
-    return job, job_view
+        del job, job_view
+    return await visible_view(request)
 
 
 #: A history cursor: the last job's creation time (``repr`` of the float, so it reads back
