@@ -8,7 +8,8 @@ then half the long-polls, all of them. After each wave this reads the server's s
 resident memory (VmRSS) and the status latency meanwhile of the running job ahead of it
 (wrk ``-t1 -c4 --latency``: four pollers going flat out; the lowest p99 of
 ``BENCH_ROUNDS`` runs, as other work on a shared machine only adds to it). The
-baseline is the idle process, measured first in the same run.
+baseline is the idle process, measured first in the same run; then bare aiohttp holds
+the same connections, which is what each costs before any longdl code (P4's floor).
 
 One process may hold only ``ulimit -n`` sockets: where the hard limit is below 20,000
 plus a margin, it holds as many as fit, half of each kind, and scales the memory growth
@@ -95,10 +96,13 @@ def run() -> dict[str, object]:
             early = sum(int(_expect(h, "early", send="check\n").split()[1]) for h in holders)
             if early:
                 raise RuntimeError(f"{early} long-polls were answered while nothing changed")
+            body = server.status(job).body.decode()
         finally:
             for holder in holders:
                 holder.stop(timeout_s=10)
+            holders.clear()
             server.stop()
+        bare = _bare_cost_kib(tmp, job, body, per_kind)
 
     per_stream_kib = (after_streams_mb - idle_mb) * MB / 1024 / per_kind
     per_poll_kib = (all_mb - after_streams_mb) * MB / 1024 / per_kind
@@ -111,13 +115,18 @@ def run() -> dict[str, object]:
         else ""
     )
     label = f"{TARGET_PER_KIND:,} SSE + {TARGET_PER_KIND:,} long-polls held"
+    floor_mb = idle_mb + (bare["sse"] + bare["poll"]) * 1024 * TARGET_PER_KIND / MB
     rows = [
         Row("P4", f"RSS with {label}{how}", total_mb, "MB", idle_mb, "idle process",
             max_value=250),
         Row("P4", f"status p99 latency with {per_kind:,} + {per_kind:,} held (wrk -c4)",
             all_p99, "ms", idle_p99, "none held", max_value=25, lower_is_better=True),
-        Row("-", "memory per held event stream", per_stream_kib, "KiB"),
-        Row("-", "memory per held long-poll", per_poll_kib, "KiB"),
+        Row("-", "memory per held event stream", per_stream_kib, "KiB", bare["sse"],
+            "bare aiohttp holding the same stream", lower_is_better=True),
+        Row("-", "memory per held long-poll", per_poll_kib, "KiB", bare["poll"],
+            "bare aiohttp holding the same request", lower_is_better=True),
+        Row("-", f"RSS of longdl's idle process plus {label} at bare aiohttp's cost "
+            "(P4's floor on aiohttp)", floor_mb, "MB"),
     ]  # fmt: skip
     plots = [
         Plot(
@@ -142,9 +151,38 @@ def run() -> dict[str, object]:
         "per event stream": f"{per_stream_kib:.1f} KiB",
         "per long-poll": f"{per_poll_kib:.1f} KiB",
         "status p99 idle / all held": f"{idle_p99:.2f} / {all_p99:.2f} ms",
+        "bare aiohttp per event stream / long-poll": f"{bare['sse']:.1f} / {bare['poll']:.1f} KiB",
         "rows": rows,
         "plots": plots,
     }
+
+
+def _bare_cost_kib(tmp: Path, job: dict[str, Any], body: str, count: int) -> dict[str, float]:
+    """Memory per held connection of bare aiohttp holding the same requests (the same
+    holders, ``count`` of each kind, the job's body as its answer and snapshot): the
+    part of each held connection that is aiohttp's and asyncio's, not longdl's."""
+    routes = [
+        {"path": job["eventsUrl"], "body": body, "hold": "stream"},
+        {"path": job["statusUrl"], "body": body, "hold": "poll"},
+    ]
+    child, url = common.start_canned(tmp, routes, name="aiohttp-held")
+    port = int(url.rsplit(":", 1)[1])
+    holders: list[common.Child] = []
+    cost: dict[str, float] = {}
+    try:
+        before = common.settled_rss_kib(child.pid)
+        for index, kind in enumerate(("sse", "poll")):
+            holder = _start_holder(tmp, 10 + index, port, job, "", kind, count)
+            holders.append(holder)
+            _expect(holder, "ready", timeout_s=300)
+            after = common.settled_rss_kib(child.pid)
+            cost[kind] = (after - before) / count
+            before = after
+    finally:
+        for holder in holders:
+            holder.stop(timeout_s=10)
+        child.stop(timeout_s=10)
+    return cost
 
 
 def _start_holder(

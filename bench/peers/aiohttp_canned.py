@@ -3,17 +3,23 @@
 ``python bench/peers/aiohttp_canned.py PORT SPEC.json``; the spec lists routes, each with
 the exact body (and ETag) longdl answered, so both send the same bytes. A route with an
 ``etag`` answers ``304`` to a matching ``If-None-Match``; a POST route reads its body.
-No middleware, no logging, no I/O.
+A ``hold`` route holds every request until the process ends: ``"poll"`` answers nothing,
+``"stream"`` sends an event stream's head and its body as one event first (the held
+benchmark's baseline). No middleware, no logging, no I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+#: Never set: what a held request waits for.
+FOREVER = web.AppKey("forever", asyncio.Event)
 
 
 def handler(route: dict[str, Any]) -> Any:
@@ -32,12 +38,30 @@ def handler(route: dict[str, Any]) -> Any:
         await request.read()
         return web.Response(body=body, status=status, content_type=content_type)
 
+    async def hold(request: web.Request) -> web.StreamResponse:
+        forever = request.app[FOREVER]
+        if route["hold"] == "poll":
+            await forever.wait()
+            return web.Response(body=body, content_type=content_type)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"event: snapshot\nid: 1\ndata: %s\n\n" % body)
+        await forever.wait()
+        return response
+
+    if "hold" in route:
+        return hold
     return post if route.get("method", "GET") == "POST" else get
 
 
 def main() -> None:
     port, spec = int(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     app = web.Application()
+
+    async def forever(app: web.Application) -> None:
+        app[FOREVER] = asyncio.Event()
+
+    app.on_startup.append(forever)
     for route in spec["routes"]:
         app.router.add_route(route.get("method", "GET"), route["path"], handler(route))
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
