@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from longdl import exceptions
-from longdl.models import JobStatus, Priority, Progress
-from longdl.store import WORKER_LOST, Limits, NewJob, Store, WorkerInfo
+from longdl.models import Job, JobStatus, Priority, Progress
+from longdl.store import WORKER_LOST, Claim, Limits, NewJob, Store, WorkerInfo
 
 MakeStore = Callable[[Callable[[], float]], Awaitable[Store]]
 
@@ -120,6 +120,34 @@ class StoreContract:
         assert 1 == len({r.job.id for r in results})
         assert 1 == sum(not r.replayed for r in results)
         assert 1 == (await store.count_by_status())[JobStatus.QUEUED]
+
+    async def test_an_insert_claims_its_job_when_nothing_waits(
+        self, store: Store, clock: Clock
+    ) -> None:
+        """With a claim and an empty queue, the new job is running, leased to the
+        claimer, and handed over once committed; with a job waiting, it queues behind."""
+        started: list[str] = []
+        handed_over = asyncio.Event()
+
+        def on_claimed(job: Job) -> None:
+            started.append(job.id)
+            handed_over.set()
+
+        claim = Claim("w1", 30, on_claimed)
+        first = await store.insert_job(new_job("first"), claim=claim)
+        stored = await store.get_job("first")
+        assert stored is not None
+        for job in (first.job, stored):
+            assert (JobStatus.RUNNING, 1, "w1") == (job.status, job.attempts, job.worker_id)
+        assert clock.now + 30 == stored.lease_expires_at
+        async with asyncio.timeout(5):
+            await handed_over.wait()
+        await store.insert_job(new_job("waiting"))
+        second = await store.insert_job(new_job("second"), claim=claim)
+        assert JobStatus.QUEUED is second.job.status
+        assert JobStatus.QUEUED is (await store.get_job("second") or stored).status
+        assert ["first"] == started
+        assert 1 == (await store.count_by_status())[JobStatus.RUNNING]
 
     async def test_queue_limit_refuses_the_job_beyond_it(self, store: Store) -> None:
         """With max_queued jobs waiting, the next insert is Overloaded and creates nothing."""

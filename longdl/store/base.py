@@ -24,6 +24,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import orjson
 
+from longdl import exceptions
 from longdl.models import Job, JobStatus, Priority, Progress
 
 T = TypeVar("T")
@@ -90,6 +91,19 @@ class Limits:
     max_active_per_client: int
     queued_retry_after_s: int = 30
     active_retry_after_s: int = 10
+
+    def check(self, queued: int, active: int) -> None:
+        """Raise if a new job would exceed the limits, given the jobs waiting and the
+        caller's unfinished ones."""
+        if queued >= self.max_queued:
+            raise exceptions.Overloaded(
+                "Too many jobs are waiting; try again later", self.queued_retry_after_s
+            )
+        if active >= self.max_active_per_client:
+            raise exceptions.TooManyActiveJobs(
+                f"At most {self.max_active_per_client} unfinished jobs per caller",
+                self.active_retry_after_s,
+            )
 
 
 @dataclass(frozen=True)

@@ -480,32 +480,42 @@ class PostgresStore(base.SQLStore):
                 if existing is not None:
                     row = await _fetchrow(conn, "get_job", {"id": existing["job_id"]})
                     return Inserted(row_to_job(row), True, existing["request_hash"])
-            waiting = claim is not None and await _fetchrow(conn, "any_queued", {}) is not None
+            # Without limits, an insert only asks whether anything waits (so it may
+            # claim its own job); with them, it counts up to each limit.
+            counts = await _fetchrow(
+                conn,
+                "insert_counts",
+                {
+                    "client": new.client,
+                    "most_queued": limits.max_queued if limits else 1,
+                    "most_active": limits.max_active_per_client if limits else 0,
+                },
+            )
             if limits is not None:
-                await _check_limits(conn, new.client, limits)
-            row = await _fetchrow(conn, "insert_job", params)
+                limits.check(counts["queued"], counts["active"])
+            claimed = claim is not None and not counts["queued"]
+            if claimed:
+                assert claim is not None
+                claimed_params = {
+                    **params,
+                    "worker_id": claim.worker_id,
+                    "lease_until": now + claim.lease_s,
+                }
+                row = await _fetchrow(conn, "insert_job_claimed", claimed_params)
+            else:
+                row = await _fetchrow(conn, "insert_job", params)
             if idempotency_key is not None:
                 await _execute(
                     conn,
                     "insert_key",
                     {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
                 )
-            if claim is not None and not waiting:
-                claimed = await _fetchrow(
-                    conn,
-                    "claim_new",
-                    {
-                        "id": new.id,
-                        "now": now,
-                        "worker_id": claim.worker_id,
-                        "lease_until": now + claim.lease_s,
-                    },
-                )
-                job = row_to_job(claimed)
+            job = row_to_job(row)
+            if claim is not None and claimed:
                 return AfterCommit(  # the engine starts it once it is committed
                     Inserted(job, False), lambda: loop.call_soon(claim.on_claimed, job)
                 )
-            return Inserted(row_to_job(row), False)
+            return Inserted(job, False)
 
         return await self._write(unit)
 
@@ -782,21 +792,3 @@ async def _fetchrow(conn: asyncpg.Connection, name: str, params: Mapping[str, An
 async def _execute(conn: asyncpg.Connection, name: str, params: Mapping[str, Any]) -> None:
     statement = S[name]
     await conn.execute(statement.sql, *statement.args(params))
-
-
-async def _check_limits(conn: asyncpg.Connection, client: str, limits: Limits) -> None:
-    """Raise if a new job would exceed ``limits``. Inserts hold the insert lock, so the
-    bounded counts (at most the limit's entries of an index) are exact."""
-    queued = await _fetchrow(conn, "queued_count", {"most": limits.max_queued})
-    if queued["n"] >= limits.max_queued:
-        raise exceptions.Overloaded(
-            "Too many jobs are waiting; try again later", limits.queued_retry_after_s
-        )
-    active = await _fetchrow(
-        conn, "client_active_count", {"client": client, "most": limits.max_active_per_client}
-    )
-    if active["n"] >= limits.max_active_per_client:
-        raise exceptions.TooManyActiveJobs(
-            f"At most {limits.max_active_per_client} unfinished jobs per caller",
-            limits.active_retry_after_s,
-        )

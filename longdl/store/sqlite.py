@@ -738,7 +738,7 @@ class SQLiteStore(base.SQLStore):
                     return Inserted(row_to_job(row), True, existing["request_hash"])
             counts = conn.execute(Q["insert_counts"], {"client": new.client}).fetchone()
             if limits is not None:
-                _check_limits(counts["queued"], counts["active"], limits)
+                limits.check(counts["queued"], counts["active"])
             claimed = claim is not None and not counts["queued"]
             if claimed:
                 assert claim is not None
@@ -1000,19 +1000,6 @@ class SQLiteStore(base.SQLStore):
         for row in await self._read_all("count_webhook_deliveries"):
             counts[str(row["status"])] = int(row["n"])
         return counts
-
-
-def _check_limits(queued: int, active: int, limits: Limits) -> None:
-    """Raise if a new job would exceed ``limits``, given the kept counts."""
-    if queued >= limits.max_queued:
-        raise exceptions.Overloaded(
-            "Too many jobs are waiting; try again later", limits.queued_retry_after_s
-        )
-    if active >= limits.max_active_per_client:
-        raise exceptions.TooManyActiveJobs(
-            f"At most {limits.max_active_per_client} unfinished jobs per caller",
-            limits.active_retry_after_s,
-        )
 
 
 def _new_job(new: NewJob, progress: Progress, now: float, claim: Claim | None) -> Job:

@@ -40,17 +40,17 @@ SELECT min(run_after) FROM jobs WHERE status = 'queued';
 -- the limits and idempotency keys they check hold exactly, across replicas.
 SELECT pg_advisory_xact_lock(7202407110);
 
--- name: queued_count
-SELECT count(*) AS n FROM (
-    SELECT 1 FROM jobs WHERE status = 'queued' LIMIT :most
-) AS waiting;
-
--- name: client_active_count
-SELECT count(*) AS n FROM (
-    SELECT 1 FROM jobs
-     WHERE client = :client AND status IN ('queued', 'running', 'processing_artifacts')
-     LIMIT :most
-) AS active;
+-- name: insert_counts
+-- What an insert checks, in one statement: jobs waiting and the caller's unfinished
+-- ones, each counted up to its limit (at most that many entries of an index).
+SELECT (SELECT count(*) FROM (
+            SELECT 1 FROM jobs WHERE status = 'queued' LIMIT :most_queued
+        ) AS waiting) AS queued,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM jobs
+             WHERE client = :client AND status IN ('queued', 'running', 'processing_artifacts')
+             LIMIT :most_active
+        ) AS unfinished) AS active;
 
 -- name: delete_stale_key
 DELETE FROM idempotency_keys WHERE owner = :owner AND key = :key AND created_at < :stale_before;
@@ -65,6 +65,16 @@ INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, p
 VALUES (:id, :kind, 'queued', :priority, :payload::jsonb, 0, :max_attempts, :progress::jsonb,
         :owner, :client, :user_id, :client_request_id, :callback_url, :now, :now, :now,
         :expires_at)
+RETURNING *;
+
+-- name: insert_job_claimed
+-- A job claimed by the transaction that inserts it (nothing else was waiting).
+INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, progress,
+                  owner, client, user_id, client_request_id, callback_url, created_at,
+                  updated_at, started_at, run_after, expires_at, worker_id, lease_expires_at)
+VALUES (:id, :kind, 'running', :priority, :payload::jsonb, 1, :max_attempts,
+        :progress::jsonb, :owner, :client, :user_id, :client_request_id, :callback_url, :now,
+        :now, :now, :now, :expires_at, :worker_id, :lease_until)
 RETURNING *;
 
 -- name: insert_key
@@ -103,16 +113,6 @@ UPDATE jobs
                LIMIT :limit
                FOR UPDATE SKIP LOCKED)
 RETURNING *;
-
--- name: claim_new
-UPDATE jobs
-   SET status = 'running', attempts = attempts + 1, started_at = :now, updated_at = :now,
-       worker_id = :worker_id, lease_expires_at = :lease_until
- WHERE id = :id AND status = 'queued'
-RETURNING *;
-
--- name: any_queued
-SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1;
 
 -- name: save_progress
 UPDATE jobs SET progress = :progress::jsonb, updated_at = :now
