@@ -469,17 +469,19 @@ class SQLStore(Store):
         """Run statement ``name`` with ``params`` (plus ``now``, unless given) as one
         write; the job it returned, or None."""
 
+    async def _write_as_holder(
+        self, name: str, job_id: str, worker_id: str, progress: Progress, **fields: Any
+    ) -> Job | None:
+        """:meth:`_held_write` of statement ``name`` on the job ``worker_id`` holds, with
+        its progress and the statement's other ``fields``."""
+        params = {"id": job_id, "worker_id": worker_id, "progress": dump_json(progress.to_dict())}
+        return await self._held_write(name, {**params, **fields})
+
     async def set_status(
         self, job_id: str, worker_id: str, status: JobStatus, progress: Progress
     ) -> Job | None:
-        return await self._held_write(
-            "set_status",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "status": status.value,
-                "progress": dump_json(progress.to_dict()),
-            },
+        return await self._write_as_holder(
+            "set_status", job_id, worker_id, progress, status=status.value
         )
 
     async def complete(
@@ -491,16 +493,14 @@ class SQLStore(Store):
         ttl_s: float,
     ) -> Job | None:
         now = self._clock()
-        return await self._held_write(
+        return await self._write_as_holder(
             "complete",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "result": dump_json(result),
-                "progress": dump_json(progress.to_dict()),
-                "expires_at": now + ttl_s,
-            },
+            job_id,
+            worker_id,
+            progress,
+            now=now,
+            result=dump_json(result),
+            expires_at=now + ttl_s,
         )
 
     async def fail(
@@ -512,16 +512,14 @@ class SQLStore(Store):
         ttl_s: float,
     ) -> Job | None:
         now = self._clock()
-        return await self._held_write(
+        return await self._write_as_holder(
             "fail",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "error": dump_json(error),
-                "progress": dump_json(progress.to_dict()),
-                "expires_at": now + ttl_s,
-            },
+            job_id,
+            worker_id,
+            progress,
+            now=now,
+            error=dump_json(error),
+            expires_at=now + ttl_s,
         )
 
     async def retry_later(
@@ -533,20 +531,15 @@ class SQLStore(Store):
         progress: Progress,
     ) -> Job | None:
         now = self._clock()
-        return await self._held_write(
+        return await self._write_as_holder(
             "retry_later",
-            {
-                "id": job_id,
-                "worker_id": worker_id,
-                "now": now,
-                "run_after": now + delay_s,
-                "error": dump_json(error),
-                "progress": dump_json(progress.to_dict()),
-            },
+            job_id,
+            worker_id,
+            progress,
+            now=now,
+            run_after=now + delay_s,
+            error=dump_json(error),
         )
 
     async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:
-        return await self._held_write(
-            "release",
-            {"id": job_id, "worker_id": worker_id, "progress": dump_json(progress.to_dict())},
-        )
+        return await self._write_as_holder("release", job_id, worker_id, progress)
