@@ -493,13 +493,13 @@ class PostgresStore(base.SQLStore):
             )
             if limits is not None:
                 limits.check(counts["queued"], counts["active"])
-            claimed = claim is not None and not counts["queued"]
-            if claimed:
-                assert claim is not None
+            # Claimed by its own insert when nothing else waits.
+            claimed = claim if claim is not None and not counts["queued"] else None
+            if claimed is not None:
                 claimed_params = {
                     **params,
-                    "worker_id": claim.worker_id,
-                    "lease_until": now + claim.lease_s,
+                    "worker_id": claimed.worker_id,
+                    "lease_until": now + claimed.lease_s,
                 }
                 row = await _fetchrow(conn, "insert_job_claimed", claimed_params)
             else:
@@ -511,9 +511,10 @@ class PostgresStore(base.SQLStore):
                     {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
                 )
             job = row_to_job(row)
-            if claim is not None and claimed:
+            if claimed is not None:
+                on_claimed = claimed.on_claimed
                 return AfterCommit(  # the engine starts it once it is committed
-                    Inserted(job, False), lambda: loop.call_soon(claim.on_claimed, job)
+                    Inserted(job, False), lambda: loop.call_soon(on_claimed, job)
                 )
             return Inserted(job, False)
 

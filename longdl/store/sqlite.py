@@ -739,12 +739,16 @@ class SQLiteStore(base.SQLStore):
             counts = conn.execute(Q["insert_counts"], {"client": new.client}).fetchone()
             if limits is not None:
                 limits.check(counts["queued"], counts["active"])
-            claimed = claim is not None and not counts["queued"]
-            if claimed:
-                assert claim is not None
+            # Claimed by its own insert when nothing else waits.
+            claimed = claim if claim is not None and not counts["queued"] else None
+            if claimed is not None:
                 conn.execute(
                     Q["insert_job_claimed"],
-                    {**params, "worker_id": claim.worker_id, "lease_until": now + claim.lease_s},
+                    {
+                        **params,
+                        "worker_id": claimed.worker_id,
+                        "lease_until": now + claimed.lease_s,
+                    },
                 )
             else:
                 conn.execute(Q["insert_job"], params)
@@ -753,11 +757,11 @@ class SQLiteStore(base.SQLStore):
                     Q["insert_key"],
                     {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
                 )
-            job = _new_job(new, progress, now, claim if claimed else None)
-            if claim is not None and claimed:
+            job = _new_job(new, progress, now, claimed)
+            if claimed is not None:
+                on_claimed = claimed.on_claimed
                 return AfterCommit(  # the engine starts it once it is committed
-                    Inserted(job, False),
-                    lambda: loop.call_soon_threadsafe(claim.on_claimed, job),
+                    Inserted(job, False), lambda: loop.call_soon_threadsafe(on_claimed, job)
                 )
             return Inserted(job, False)
 
