@@ -216,8 +216,7 @@ class _JobStorage(Storage):
         chunks: AsyncIterable[bytes],
         content_type: str = "application/octet-stream",
     ) -> ObjectInfo:
-        job = self._running.job
-        await self._engine.store.add_output(job.id, self._engine.worker_id, key)
+        await self._note(key)
         return await self._inner.write(key, chunks, content_type)
 
     async def write_zip(
@@ -226,9 +225,12 @@ class _JobStorage(Storage):
         members: Sequence[ZipMember],
         on_progress: ZipProgress | None = None,
     ) -> ZipWritten:
-        job = self._running.job
-        await self._engine.store.add_output(job.id, self._engine.worker_id, key)
+        await self._note(key)
         return await self._inner.write_zip(key, members, on_progress)
+
+    async def _note(self, key: str) -> None:
+        """Record ``key`` as the job's output before anything is written to it."""
+        await self._engine.store.add_output(self._running.job.id, self._engine.worker_id, key)
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
