@@ -139,29 +139,17 @@ class Entry:
     chunks: Callable[[], AsyncIterable[bytes]]
 
 
-async def zip_entries(
-    entries: list[Entry], on_bytes: Callable[[int], None] | None = None
-) -> AsyncIterator[bytes]:
-    """Yield the archive of ``entries`` chunk by chunk.
-
-    Args:
-        entries: files in archive order.
-        on_bytes: called with the count of source bytes consumed after each chunk.
-    """
-    writer = ZipWriter()
-    try:
+async def zip_entries(entries: list[Entry]) -> AsyncIterator[bytes]:
+    """Yield the archive of ``entries`` (files in archive order) chunk by chunk; a source
+    that fails, or a consumer that stops, abandons it."""
+    with ZipWriter() as writer:
         for entry in entries:
             if data := writer.begin(entry.name, entry.size_bytes):
                 yield data
             async for chunk in entry.chunks():
                 if data := writer.write(chunk):
                     yield data
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
             if data := writer.end():
                 yield data
         if data := writer.close():
             yield data
-    except BaseException:  # a source failed, or the consumer stopped (GeneratorExit)
-        writer.abandon()
-        raise
