@@ -211,6 +211,42 @@ async def test_forwarded_for_counts_from_a_trusted_proxy(make_client: AppFactory
     assert [200, 200, 429] == statuses
 
 
+async def test_a_proxys_own_requests_and_its_clients_keep_their_own_budgets(
+    make_client: AppFactory,
+) -> None:
+    """The caller address remembered per peer is the proxy's own: a request it sends
+    without X-Forwarded-For neither spends nor takes a forwarded client's budget."""
+    client = await make_client(rate_limit_max_requests=1, trusted_proxies=["127.0.0.0/8"])
+    statuses = []
+    for headers in (
+        {},
+        {"X-Forwarded-For": "198.51.100.1"},
+        {},
+        {"X-Forwarded-For": "198.51.100.1"},
+    ):
+        response = await client.post("/v1/download/check", json={"file_id": 70000}, headers=headers)
+        statuses.append(response.status)
+    assert [200, 200, 429, 429] == statuses
+
+
+async def test_plans_are_kept_per_route_and_bounded(make_client: AppFactory) -> None:
+    """A route's plan is worked out once per method and prefix, not per URL: polls of
+    many jobs and methods a client makes up leave a handful of plans, each still right."""
+    client = await make_client(**KEYS)
+    for n in range(50):
+        await client.get(f"/v1/download/status/{uuid.uuid4()}", headers=bearer("key-a"))
+        await client.request(f"X{n}", f"/v1/download/status/{n}")
+    assert 200 == (await client.get("/health")).status
+    plans = client.app[policy.POLICY]._plans
+    assert len(plans) <= 3
+    by_template = {plan.template: plan for plan in plans.values()}
+    status = by_template["/v1/download/status/{job_id}"]
+    assert ("poll", True) == (status.budget, status.guarded)
+    assert ("poll", False) == (by_template["/health"].budget, by_template["/health"].guarded)
+    # Unknown methods, as unknown URLs, are worked out each time and never kept.
+    assert all(not method.startswith("X") for method, *_ in plans)
+
+
 def test_client_address_reads_the_chain_right_to_left() -> None:
     """The first untrusted hop from the right is the client; spoofed left entries lose."""
     trusted = [policy.ipaddress.ip_network("10.0.0.0/8")]

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from longdl.models import Job, JobStatus
-from longdl.web import keys, policy
+from longdl.web import keys
 from longdl.web.openapi import Resp, doc, problem
 
 #: Request durations that wait for a scrape at most, per (method, route, status).
@@ -135,15 +135,16 @@ class WebhookCollector(Collector):
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def observe(request: web.Request, status: int, seconds: float) -> None:
-    """Time one request; ``status`` is the one the client got (problems included).
+def observe(request: web.Request, template: str | None, status: int, seconds: float) -> None:
+    """Time one request to the route ``template`` (None: no route matched); ``status`` is
+    the one the client got (problems included).
 
     The duration waits in a list and reaches its histogram at the next scrape (or when
     OBSERVE_BATCH of them wait): prometheus_client takes a lock per observation, the list
     an append.
     """
     app_metrics = request.app[METRICS]
-    key = (request.method, policy.route_template(request) or "unmatched", status)
+    key = (request.method, template or "unmatched", status)
     waiting = app_metrics.http_pending.get(key)
     if waiting is None:
         waiting = app_metrics.http_pending[key] = []

@@ -37,12 +37,13 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     started = time.perf_counter()
     rules = request.app[POLICY]
     policy.identify(request, rules)
+    plan = rules.plan(request)
     status = 500
     try:
         response: web.StreamResponse | None = policy.preflight(request, rules)
         if response is None:
             try:
-                response = await _answer(request, handler, rules)
+                response = await _answer(request, handler, rules, plan)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise  # a redirect: aiohttp sends it
@@ -59,7 +60,7 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         status = exc.status
         raise
     finally:
-        metrics.observe(request, status, time.perf_counter() - started)
+        metrics.observe(request, plan.template, status, time.perf_counter() - started)
 
 
 class Deadlines:
@@ -115,18 +116,18 @@ DEADLINES = web.AppKey("deadlines", Deadlines)
 
 
 async def _answer(
-    request: web.Request, handler: Handler, rules: policy.Policy
+    request: web.Request, handler: Handler, rules: policy.Policy, plan: policy.Plan
 ) -> web.StreamResponse:
     """Authenticate, count and handle the request within its deadline."""
-    limit_s = policy.deadline_of(request)
+    limit_s = plan.deadline_s
     if limit_s is None:
-        await _admit(request, rules)
+        await _admit(request, rules, plan)
         return await handler(request)
     deadlines = request.app[DEADLINES]
     task = request.task
     deadlines.enter(task, limit_s)
     try:
-        await _admit(request, rules)
+        await _admit(request, rules, plan)
         return await handler(request)
     except asyncio.CancelledError:
         if not deadlines.leave(task):
@@ -139,14 +140,14 @@ async def _answer(
             task.uncancel()
 
 
-async def _admit(request: web.Request, rules: policy.Policy) -> None:
+async def _admit(request: web.Request, rules: policy.Policy, plan: policy.Plan) -> None:
     """Authenticate the request and count it against its budget, or raise the problem.
 
     Awaited before the handler, not around it: a held long-poll keeps no frame of it.
     """
-    if rules.guarded(request):
+    if plan.guarded:
         await policy.authenticate(request, rules)
-    budget = policy.budget_of(request)
+    budget = plan.budget
     client = request[keys.CLIENT]
     if rules.limiter.shared:
         allowed, window = await rules.limiter.hit(budget, client, time.time())
