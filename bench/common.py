@@ -660,12 +660,13 @@ def best_of(runs: Sequence[float], lower_is_better: bool = False) -> float:
 
 
 def start_canned(
-    tmp: Path, routes: list[dict[str, Any]], name: str = "aiohttp"
+    tmp: Path, routes: list[dict[str, Any]], name: str = "aiohttp", middleware: bool = False
 ) -> tuple[Child, str]:
-    """Bare aiohttp (``peers/aiohttp_canned.py``) answering ``routes``; returns it and its URL."""
+    """Bare aiohttp (``peers/aiohttp_canned.py``) answering ``routes``, with one pass-through
+    middleware if asked; returns it and its URL."""
     port = free_port()
     spec = tmp / f"{name}-spec.json"
-    spec.write_text(json.dumps({"routes": routes}))
+    spec.write_text(json.dumps({"routes": routes, "middleware": middleware}))
     child = Child(
         [sys.executable, str(PEERS / "aiohttp_canned.py"), str(port), str(spec)],
         tmp / f"{name}.log",

@@ -9,7 +9,10 @@ seconds. With wrk (``-t2 -c64``) this measures the requests per second of:
 - P1c: the same with ``If-None-Match`` (a 304 revalidation; the baseline compares the
   ETag too), and the status of a completed job (read from the store, URL signed);
 - ``/health`` against the bare app, and a job's status in FastAPI + arq + Redis (the
-  stack users would pick instead), for information.
+  stack users would pick instead), for information;
+- the contract's own price, for information: bare aiohttp sending the running job's
+  bytes with every header longdl sent (request id, security and rate-limit headers...)
+  through one pass-through middleware, against the bare app and against longdl.
 
 Every server runs at once as its own process; the measurements alternate between them,
 ``BENCH_ROUNDS`` times, and the best of each counts (noise only slows things down).
@@ -33,14 +36,24 @@ def _capture(server: Longdl, path: str) -> common.Answer:
     return answer
 
 
-def _route(path: str, answer: common.Answer, etag: bool = False) -> dict[str, Any]:
-    route = {
+#: Headers aiohttp writes itself (or that describe the body it is given).
+OWN_HEADERS = frozenset(
+    {"date", "server", "content-length", "content-type", "transfer-encoding", "connection"}
+)
+
+
+def _route(
+    path: str, answer: common.Answer, etag: bool = False, headers: bool = False
+) -> dict[str, Any]:
+    route: dict[str, Any] = {
         "path": path,
         "body": answer.body.decode(),
         "content_type": answer.headers.get("content-type", "application/json").split(";")[0],
     }
     if etag:
         route["etag"] = answer.headers["etag"]
+    if headers:  # every header longdl sent, as it sent them
+        route["headers"] = {k: v for k, v in answer.headers.items() if k not in OWN_HEADERS}
     return route
 
 
@@ -79,6 +92,12 @@ def run() -> dict[str, object]:
                 ],
             )
             children.append(aio)
+            # The contract's own price: the same headers too, through one middleware.
+            dressed_route = _route(run_path, run_answer, headers=True)
+            dressed, dressed_url = common.start_canned(
+                tmp, [dressed_route], "aiohttp-dressed", middleware=True
+            )
+            children.append(dressed)
             jobs = tmp / "jobs.json"
             jobs.write_text(
                 json.dumps({running["jobId"]: run_answer.json(), done["jobId"]: done_answer.json()})
@@ -103,6 +122,7 @@ def run() -> dict[str, object]:
                 "running": (server.url + run_path, ()),
                 "running_aiohttp": (aio_url + run_path, ()),
                 "running_fastapi": (fastapi_url + run_path, ()),
+                "running_aiohttp_dressed": (dressed_url + run_path, ()),
                 "304": (server.url + run_path, (inm,)),
                 "304_aiohttp": (aio_url + run_path, (inm,)),
                 "completed": (server.url + done_path, ()),
@@ -131,6 +151,11 @@ def run() -> dict[str, object]:
     rows = [
         Row("P1", "status of a running job", best["running"], rps, best["running_aiohttp"],
             aio_name, min_ratio=0.8),
+        Row("-", "status of a running job", best["running"], rps,
+            best["running_aiohttp_dressed"],
+            f"bare aiohttp, same bytes, {len(dressed_route['headers'])} headers, one middleware"),
+        Row("-", "bare aiohttp: same bytes and headers, one middleware",
+            best["running_aiohttp_dressed"], rps, best["running_aiohttp"], aio_name),
         Row("P1b", "status of a running job", best["running"], rps, best["running_fastapi"],
             fastapi_name, min_ratio=1.0),
         Row("P1c", "304 revalidation (If-None-Match)", best["304"], rps, best["304_aiohttp"],

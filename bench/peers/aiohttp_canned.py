@@ -5,7 +5,9 @@ the exact body (and ETag) longdl answered, so both send the same bytes. A route 
 ``etag`` answers ``304`` to a matching ``If-None-Match``; a POST route reads its body.
 A ``hold`` route holds every request until the process ends: ``"poll"`` answers nothing,
 ``"stream"`` sends an event stream's head and its body as one event first (the held
-benchmark's baseline). No middleware, no logging, no I/O.
+benchmark's baseline). A route's ``headers`` are sent as given (the status benchmark
+sends every header longdl sent). No logging, no I/O, and no middleware unless the spec
+says ``"middleware": true``: then one that only passes each request on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def handler(route: dict[str, Any]) -> Any:
     status = int(route.get("status", 200))
     content_type = route.get("content_type", "application/json")
     etag = route.get("etag")
-    headers = {"ETag": etag} if etag else {}
+    headers = {**route.get("headers", {}), **({"ETag": etag} if etag else {})}
 
     async def get(request: web.Request) -> web.Response:
         if etag and request.headers.get("If-None-Match") == etag:
@@ -54,9 +56,14 @@ def handler(route: dict[str, Any]) -> Any:
     return post if route.get("method", "GET") == "POST" else get
 
 
+@web.middleware
+async def passing(request: web.Request, handler: Any) -> web.StreamResponse:
+    return await handler(request)  # type: ignore[no-any-return]
+
+
 def main() -> None:
     port, spec = int(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
-    app = web.Application()
+    app = web.Application(middlewares=[passing] if spec.get("middleware") else [])
 
     async def forever(app: web.Application) -> None:
         app[FOREVER] = asyncio.Event()
