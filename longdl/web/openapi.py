@@ -137,7 +137,7 @@ HEADERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "Allow": ("Methods this URL accepts", {"type": "string"}),
 }
 EVERY_RESPONSE_HEADERS = ("X-Request-ID",)
-#: On every response too; which window a route counts against is in policy.budget_of.
+#: On every response too; which window a route counts against is in Policy.plan.
 RATE_LIMIT_HEADERS = (
     "RateLimit-Limit",
     "RateLimit-Remaining",

@@ -38,18 +38,34 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
     rules = request.app[POLICY]
     policy.identify(request, rules)
     plan = rules.plan(request)
+    deadlines = request.app[DEADLINES] if plan.deadline_s is not None else None
+    limit_s = plan.deadline_s or 0.0
+    task = request.task
     status = 500
     try:
         response: web.StreamResponse | None = policy.preflight(request, rules)
         if response is None:
+            # Handled in this frame, not in one of its own: a held request keeps one less.
+            if deadlines is not None:
+                deadlines.enter(task, limit_s)
             try:
-                response = await _answer(request, handler, rules, plan)
+                await _admit(request, rules, plan)
+                response = await handler(request)
+            except asyncio.CancelledError:
+                if deadlines is None or not deadlines.leave(task):
+                    raise
+                task.uncancel()  # cut at its deadline: the client gets a 504
+                response = problems.from_exception(request, policy.timed_out(limit_s))
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise  # a redirect: aiohttp sends it
                 response = problems.from_http_exception(request, exc)
             except Exception as exc:
                 response = problems.from_exception(request, exc)
+            finally:
+                if deadlines is not None and deadlines.leave(task):
+                    # Cut just as it finished: the answer stands, the cancel must not.
+                    task.uncancel()
         status = response.status
         if not response.prepared and RATE_WINDOW in request:
             # Stamped here, where nothing needs awaiting; the prepare signal then skips it
@@ -113,31 +129,6 @@ class Deadlines:
 
 
 DEADLINES = web.AppKey("deadlines", Deadlines)
-
-
-async def _answer(
-    request: web.Request, handler: Handler, rules: policy.Policy, plan: policy.Plan
-) -> web.StreamResponse:
-    """Authenticate, count and handle the request within its deadline."""
-    limit_s = plan.deadline_s
-    if limit_s is None:
-        await _admit(request, rules, plan)
-        return await handler(request)
-    deadlines = request.app[DEADLINES]
-    task = request.task
-    deadlines.enter(task, limit_s)
-    try:
-        await _admit(request, rules, plan)
-        return await handler(request)
-    except asyncio.CancelledError:
-        if not deadlines.leave(task):
-            raise
-        task.uncancel()
-        raise policy.timed_out(limit_s) from None
-    finally:
-        if deadlines.leave(task):
-            # Cut just as it finished: the answer stands, the cancel must not.
-            task.uncancel()
 
 
 async def _admit(request: web.Request, rules: policy.Policy, plan: policy.Plan) -> None:

@@ -81,7 +81,7 @@ def is_proxy_header(name: str) -> bool:
 
 
 #: /v1 routes a polling client hits repeatedly; they get the larger RATE_LIMIT_POLL budget,
-#: as does every route outside /v1 (see :func:`budget_of`).
+#: as does every route outside /v1 (see :meth:`Policy.plan`).
 POLL_ROUTES = frozenset(
     {
         "/v1/download/status/{job_id}",
@@ -195,7 +195,7 @@ def is_local_caller(request: web.Request, sync_origins: Iterable[str]) -> bool:
     return peer is not None and peer.is_loopback
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RateWindow:
     """What the caller has left in its current window, for the RateLimit-* headers."""
 
@@ -365,7 +365,7 @@ PLANS_KEPT = 1024
 class Plan:
     """What the pipeline decides from a request's route and method alone: the route's
     template (for metrics), its deadline, the rate-limit budget it counts against and
-    whether it needs a Bearer key. Worked out once per route, method and prefix."""
+    whether it needs a Bearer key. Worked out once per route and method."""
 
     template: str | None
     deadline_s: float | None
@@ -384,7 +384,9 @@ class Policy:
     metrics_token: str | None = None
     #: Peer address -> caller address, for requests with no X-Forwarded-For to read.
     _peers: dict[str | None, str] = field(default_factory=dict, repr=False, compare=False)
-    _plans: dict[Hashable, Plan] = field(default_factory=dict, repr=False, compare=False)
+    _plans: dict[tuple[str, Hashable], Plan] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -409,21 +411,37 @@ class Policy:
         return address
 
     def plan(self, request: web.Request) -> Plan:
-        """The :class:`Plan` of ``request``; kept per matched route (unmatched URLs are
-        worked out each time: their raw path decides)."""
+        """The :class:`Plan` of ``request``, kept per route and method: limits, deadlines,
+        keys and metrics follow the matched route's template, never the raw path. An
+        unmatched URL's plan is worked out from its path each time."""
         resource = request.match_info.route.resource
-        key = (request.method, resource, _is_api(request), request.path == "/metrics")
-        if resource is not None and (plan := self._plans.get(key)) is not None:
-            return plan
-        plan = Plan(
-            template=route_template(request),
-            deadline_s=deadline_of(request),
-            budget=budget_of(request),
-            guarded=self.guarded(request),
-        )
-        if resource is not None and len(self._plans) < PLANS_KEPT:
-            self._plans[key] = plan
+        if resource is None:
+            return self._plan(request.method, None, request.path)
+        key = (request.method, resource)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(request.method, resource.canonical, resource.canonical)
+            if len(self._plans) < PLANS_KEPT:
+                self._plans[key] = plan
         return plan
+
+    def _plan(self, method: str, template: str | None, path: str) -> Plan:
+        """The plan of a request to ``template`` (None: no route matched) at ``path``.
+
+        - Deadline: REQUEST_TIMEOUT_MS for every request but streams.
+        - Budget: ``api`` (RATE_LIMIT_MAX_REQUESTS) for /v1 but its polling reads;
+          ``poll`` (RATE_LIMIT_POLL_MAX_REQUESTS) for those and for every route outside
+          /v1 (/, /health, /metrics, /docs, /ui, /files, unknown URLs).
+        - Guard: see :func:`guarded_path`.
+        """
+        limit_s = self.settings.request_timeout_ms / 1000
+        reads = method in (hdrs.METH_GET, hdrs.METH_HEAD) and template in POLL_ROUTES
+        return Plan(
+            template=template,
+            deadline_s=limit_s if limit_s and template not in STREAM_ROUTES else None,
+            budget="poll" if reads or not path.startswith("/v1/") else "api",
+            guarded=guarded_path(path, self.settings),
+        )
 
     def allowed_origin(self, origin: str) -> str | None:
         """The Access-Control-Allow-Origin value for ``origin``, or None if refused."""
@@ -442,10 +460,6 @@ class Policy:
             if hmac.compare_digest(key.encode(), sent):
                 found = name
         return found
-
-    def guarded(self, request: web.Request) -> bool:
-        """Whether ``request`` needs a Bearer key (see :func:`guarded_path`)."""
-        return guarded_path(request.path, self.settings)
 
     def authorizes(self, request: web.Request, token: str) -> str | None:
         """Who ``token`` authenticates on this request: an API key's name, ``""`` for the
@@ -472,13 +486,6 @@ RATE_WINDOW = web.RequestKey("rate_window", RateWindow)
 
 def _is_api(request: web.Request) -> bool:
     return request.path.startswith("/v1/")
-
-
-def route_template(request: web.Request) -> str | None:
-    """The matched route's template (``/v1/download/status/{job_id}``); None if no route
-    matched. Limits, deadlines and metrics key on it, never on the raw path."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else None
 
 
 def identify(request: web.Request, policy: Policy) -> None:
@@ -518,14 +525,6 @@ def preflight(request: web.Request, policy: Policy) -> web.Response | None:
             hdrs.ACCESS_CONTROL_MAX_AGE: str(PREFLIGHT_MAX_AGE_S),
         },
     )
-
-
-def deadline_of(request: web.Request) -> float | None:
-    """REQUEST_TIMEOUT_MS in seconds for every request but streams; None: no deadline."""
-    limit_s = request.app[keys.SETTINGS].request_timeout_ms / 1000
-    if not limit_s or route_template(request) in STREAM_ROUTES:
-        return None
-    return limit_s
 
 
 def timed_out(limit_s: float) -> HTTPProblem:
@@ -583,17 +582,6 @@ async def authenticate(request: web.Request, policy: Policy) -> None:
         request[keys.CLIENT] = name
 
 
-def budget_of(request: web.Request) -> str:
-    """Which window a request counts against: ``api`` (RATE_LIMIT_MAX_REQUESTS) for /v1
-    but its polling reads; ``poll`` (RATE_LIMIT_POLL_MAX_REQUESTS) for those and for every
-    route outside /v1 (/, /health, /metrics, /docs, /ui, /files, unknown URLs)."""
-    if not _is_api(request):
-        return "poll"
-    if request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and route_template(request) in POLL_ROUTES:
-        return "poll"
-    return "api"
-
-
 def over_budget(window: RateWindow) -> HTTPProblem:
     """The 429 of a caller whose window is spent."""
     retry_after_s = max(1, window.reset_s)
@@ -625,7 +613,8 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
     rules = request.app.get(POLICY)
     if window is None and rules is not None and keys.CLIENT in request:
         # Answered before the limiter counted it (a preflight, a 401): show the window.
-        window = await rules.limiter.peek(budget_of(request), request[keys.CLIENT], time.time())
+        budget = rules.plan(request).budget
+        window = await rules.limiter.peek(budget, request[keys.CLIENT], time.time())
         request[RATE_WINDOW] = window
     stamp(request, response)
 
