@@ -63,12 +63,17 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $@
 
-# wrk and redis-server from Debian when missing (as root); RUNLEVEL=1 keeps the package
-# from starting Redis as a system service: the benchmarks run their own, in the foreground.
+# wrk, redis-server and nginx (the PostgreSQL figures' load balancer) from Debian when
+# missing (as root); RUNLEVEL=1 keeps the packages from starting Redis and nginx as system
+# services: the benchmarks run their own, in the foreground.
 bench-tools:
-	@if ! command -v wrk >/dev/null || ! command -v redis-server >/dev/null; then \
-		if [ "$$(id -u)" != 0 ]; then echo "make bench needs wrk and redis-server: apt-get install wrk redis-server"; exit 1; fi; \
-		apt-get update -q && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk redis-server; \
+	@need=""; \
+	command -v wrk >/dev/null || need="$$need wrk"; \
+	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null || need="$$need nginx-light"; \
+	if [ -n "$$need" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "make bench needs:$$need (apt-get install$$need)"; exit 1; fi; \
+		apt-get update -q && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$need; \
 	fi
 
 bench: $(BENCH_STAMP) bench-tools
