@@ -110,9 +110,19 @@ def run() -> dict[str, object]:
         speed_cat.add(size_mb, best[count]["cat"])
     full = best[FILE_COUNT]
     label = f"bundle 1 GiB from {FILE_COUNT} files, local storage"
+    note = ""
+    smaller = best.get(30)
+    if smaller is not None and full["cat"] < 0.6 * smaller["cat"]:
+        # Seen on these VMs: writing the whole GiB, cat itself slows to the write-back.
+        note = (
+            f"cat wrote the 1 GiB set at {full['cat']:,.0f} MB/s but the 30-file one at "
+            f"{smaller['cat']:,.0f} MB/s: at 1 GiB this machine's write-back limits the "
+            "baseline too, so the ratio flatters longdl; the 30-file ratio is "
+            f"{smaller['mbps'] / smaller['cat']:.2f}x"
+        )
     rows = [
         Row("P5", label, full["mbps"], "MB/s", full["cat"], "cat of the same files",
-            min_ratio=0.7),
+            min_ratio=0.7, note=note),
         Row("P5", "RSS growth while bundling 1 GiB", full["growth"], "MB", max_value=64),
     ]  # fmt: skip
     plot = Plot(
