@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,7 +252,7 @@ async def submit_job(
     payload: dict[str, Any],
     *,
     client_request_id: str | None = None,
-    request_hash: str = "",
+    request_hash: str | Callable[[], str] = "",
     priority: Priority = Priority.NORMAL,
     user_id: str | None = None,
     callback_url: str | None = None,
@@ -266,7 +266,8 @@ async def submit_job(
 
     Args:
         request_hash: what identifies the request for idempotency (same key with a
-            different hash is a 422); hash the validated body.
+            different hash is a 422); hash the validated body. A callable is called
+            only when a key is in play (hashing is 3 % of an initiate otherwise).
     """
     await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
     header_key = request.headers.get("Idempotency-Key")
@@ -281,6 +282,8 @@ async def submit_job(
         raise HTTPProblem(
             400, "Idempotency-Key must be 1 to 200 characters", code="VALIDATION_ERROR"
         )
+    if callable(request_hash):
+        request_hash = request_hash() if idempotency_key is not None else ""
     inserted = await request.app[keys.ENGINE].submit(
         kind,
         payload,
@@ -298,14 +301,12 @@ async def submit_job(
 
 async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
     """Queue a download job for the caller; returns the job and whether it was replayed."""
-    # Hashed only where a key can replay it (3 % of an initiate's time otherwise).
-    keyed = body.clientRequestId is not None or "Idempotency-Key" in request.headers
     return await submit_job(
         request,
         "download",
         {"file_ids": body.unique_file_ids(), "strict": body.strict},
         client_request_id=body.clientRequestId,
-        request_hash=request_hash(body) if keyed else "",
+        request_hash=lambda: request_hash(body),
         priority=Priority.from_name(body.priority),
         user_id=body.userId,
         callback_url=str(body.callbackUrl) if body.callbackUrl else None,
