@@ -230,7 +230,7 @@ async def test_a_proxys_own_requests_and_its_clients_keep_their_own_budgets(
 
 
 async def test_plans_are_kept_per_route_and_bounded(make_client: AppFactory) -> None:
-    """A route's plan is worked out once per method and prefix, not per URL: polls of
+    """A route's plan is worked out once per route and method, not per URL: polls of
     many jobs and methods a client makes up leave a handful of plans, each still right."""
     client = await make_client(**KEYS)
     for n in range(50):
