@@ -439,7 +439,7 @@ class Policy:
         return Plan(
             template=template,
             deadline_s=limit_s if limit_s and template not in STREAM_ROUTES else None,
-            budget="poll" if reads or not path.startswith("/v1/") else "api",
+            budget="poll" if reads or not _is_api(path) else "api",
             guarded=guarded_path(path, self.settings),
         )
 
@@ -477,15 +477,16 @@ def guarded_path(path: str, settings: Settings) -> bool:
     with API_KEYS or METRICS_TOKEN set (the OpenAPI document says the same)."""
     if path == "/metrics":
         return bool(settings.api_keys or settings.metrics_token)
-    return bool(settings.api_keys) and path.startswith("/v1/")
+    return bool(settings.api_keys) and _is_api(path)
 
 
 POLICY = web.AppKey("policy", Policy)
 RATE_WINDOW = web.RequestKey("rate_window", RateWindow)
 
 
-def _is_api(request: web.Request) -> bool:
-    return request.path.startswith("/v1/")
+def _is_api(path: str) -> bool:
+    """Whether ``path`` is under the versioned API, /v1."""
+    return path.startswith("/v1/")
 
 
 def identify(request: web.Request, policy: Policy) -> None:
@@ -577,7 +578,7 @@ async def authenticate(request: web.Request, policy: Policy) -> None:
             code="UNAUTHORIZED",
             headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="longdl", error="invalid_token"'},
         )
-    if _is_api(request):
+    if _is_api(request.path):
         request[keys.CALLER] = name
         request[keys.CLIENT] = name
 
