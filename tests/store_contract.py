@@ -149,6 +149,22 @@ class StoreContract:
         assert ["first"] == started
         assert 1 == (await store.count_by_status())[JobStatus.RUNNING]
 
+    async def test_a_failed_insert_leaves_the_inserts_beside_it(self, store: Store) -> None:
+        """An insert that fails (its id is taken) fails alone: the inserts written in the
+        same transaction land, and its idempotency key is not kept."""
+        await store.insert_job(new_job("a"))
+        results = await asyncio.gather(
+            store.insert_job(new_job("b")),
+            store.insert_job(new_job("a"), idempotency_key="k", request_hash="h"),
+            store.insert_job(new_job("c"), idempotency_key="k2"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], Exception)
+        assert ["b", "c"] == [r.job.id for r in (results[0], results[2])]  # type: ignore[union-attr]
+        assert [True, True] == [await store.get_job(i) is not None for i in ("b", "c")]
+        retried = await store.insert_job(new_job("d"), idempotency_key="k", request_hash="h")
+        assert (False, "d") == (retried.replayed, retried.job.id)
+
     async def test_queue_limit_refuses_the_job_beyond_it(self, store: Store) -> None:
         """With max_queued jobs waiting, the next insert is Overloaded and creates nothing."""
         limits = Limits(max_queued=2, max_active_per_client=100)

@@ -9,7 +9,9 @@ beside it and is slower per statement here).
   not yet taken when its caller is cancelled never runs; a taken one finishes, since
   callers never run it themselves.
 - Claims and sweeps use ``FOR UPDATE SKIP LOCKED``; inserts of all replicas take turns on
-  an advisory transaction lock, so the limits and idempotency keys hold exactly.
+  an advisory transaction lock, so the limits and idempotency keys hold exactly. An
+  insert is one call of a function (``longdl_insert_job``, migration 2): one round trip
+  while the lock is held, not five.
 - Every change of a job's status or progress NOTIFYs ``longdl_jobs`` (a trigger); each
   replica LISTENs on a connection of its own and wakes its long-polls, event streams,
   waits and dispatcher.
@@ -116,12 +118,16 @@ _DATABASE_ERRORS = (
 )
 
 
+#: A unit, its caller's future, and whether it runs in a savepoint.
+_Item = tuple[Callable[[asyncpg.Connection], Awaitable[Any]], "asyncio.Future[Any]", bool]
+
+
 class _Writer:
     """The replica's writer task; concurrent units share a transaction."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-        self._queue: asyncio.Queue[tuple[Unit[Any], asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -134,11 +140,11 @@ class _Writer:
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
 
-    async def run(self, unit: Unit[T]) -> T:
+    async def run(self, unit: Unit[T], savepoint: bool = True) -> T:
         if self._task is None:
             raise exceptions.StoreUnavailable("The store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((unit, future))
+        self._queue.put_nowait((unit, future, savepoint))
         # A caller cancelled before the writer takes its unit cancels the future: the
         # writer skips it. Once taken, the unit runs whole; the result is dropped.
         return await future
@@ -156,20 +162,23 @@ class _Writer:
                     stop = True
                     break
                 batch.append(more)
-            units = [(unit, future) for unit, future in batch if not future.done()]
+            units = [item for item in batch if not item[1].done()]
             if units:
                 await self._together(units)
             if stop:
                 return
 
-    async def _together(self, units: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
+    async def _together(self, units: list[_Item]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         after: list[Callable[[], object]] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                for unit, future in units:
+                for unit, future, savepoint in units:
                     try:
-                        async with conn.transaction():  # a savepoint
+                        if savepoint:
+                            async with conn.transaction():
+                                value = await unit(conn)
+                        else:  # a unit of one statement that cannot half-fail
                             value = await unit(conn)
                         if isinstance(value, AfterCommit):
                             after.append(value.callback)
@@ -183,7 +192,7 @@ class _Writer:
         except Exception as exc:
             error = exc if isinstance(exc, exceptions.LongdlError) else translate(exc)
             log.warning("store.write_failed units=%d error=%r", len(units), exc)
-            for _, future in units:
+            for _, future, _ in units:
                 if not future.done():
                     future.set_exception(error)
             return
@@ -320,10 +329,12 @@ class PostgresStore(base.SQLStore):
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
-    async def _write(self, unit: Unit[T]) -> T:
+    async def _write(self, unit: Unit[T], savepoint: bool = True) -> T:
+        """Run ``unit`` in the writer's next transaction, in a savepoint of its own unless
+        it is one statement that undoes its own writes when it fails."""
         if self._writer is None:
             raise RuntimeError("store is not open")
-        return await self._writer.run(unit)
+        return await self._writer.run(unit, savepoint)
 
     async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
         statement = S[name]
@@ -468,57 +479,38 @@ class PostgresStore(base.SQLStore):
             "callback_url": new.callback_url,
             "now": now,
             "expires_at": new.expires_at,
-        }
-        key = {"owner": new.owner, "key": idempotency_key}
-
-        async def unit(conn: asyncpg.Connection) -> Inserted | AfterCommit[Inserted]:
-            await _execute(conn, "lock_inserts", {})
-            if idempotency_key is not None:
-                stale = {**key, "stale_before": now - IDEMPOTENCY_TTL_S}
-                await _execute(conn, "delete_stale_key", stale)
-                existing = await _fetchrow(conn, "find_key", key)
-                if existing is not None:
-                    row = await _fetchrow(conn, "get_job", {"id": existing["job_id"]})
-                    return Inserted(row_to_job(row), True, existing["request_hash"])
+            "key": idempotency_key,
+            "request_hash": request_hash,
+            "stale_before": now - IDEMPOTENCY_TTL_S,
             # Without limits, an insert only asks whether anything waits (so it may
             # claim its own job); with them, it counts up to each limit.
-            counts = await _fetchrow(
-                conn,
-                "insert_counts",
-                {
-                    "client": new.client,
-                    "most_queued": limits.max_queued if limits else 1,
-                    "most_active": limits.max_active_per_client if limits else 0,
-                },
-            )
-            if limits is not None:
-                limits.check(counts["queued"], counts["active"])
-            # Claimed by its own insert when nothing else waits.
-            claimed = claim if claim is not None and not counts["queued"] else None
-            if claimed is not None:
-                claimed_params = {
-                    **params,
-                    "worker_id": claimed.worker_id,
-                    "lease_until": now + claimed.lease_s,
-                }
-                row = await _fetchrow(conn, "insert_job_claimed", claimed_params)
-            else:
-                row = await _fetchrow(conn, "insert_job", params)
-            if idempotency_key is not None:
-                await _execute(
-                    conn,
-                    "insert_key",
-                    {**key, "request_hash": request_hash, "job_id": new.id, "now": now},
-                )
+            "limited": limits is not None,
+            "most_queued": limits.max_queued if limits else 1,
+            "most_active": limits.max_active_per_client if limits else 0,
+            "worker_id": claim.worker_id if claim else None,
+            "lease_until": now + claim.lease_s if claim else None,
+        }
+
+        async def unit(conn: asyncpg.Connection) -> Inserted | AfterCommit[Inserted]:
+            row = await _fetchrow(conn, "insert_job", params)
+            if row["error_code"] is not None:
+                raise _function_failed(row["error_code"], row["error_message"])
+            if row["replayed"]:
+                return Inserted(row_to_job(row), True, row["request_hash"])
+            if row["id"] is None:  # a limit refused it
+                assert limits is not None, "only a limit refuses an insert"
+                limits.check(row["queued"], row["active"])
+                raise AssertionError(f"insert refused within limits: {dict(row)}")
             job = row_to_job(row)
-            if claimed is not None:
-                on_claimed = claimed.on_claimed
+            if claim is not None and job.status is JobStatus.RUNNING:
+                on_claimed = claim.on_claimed
                 return AfterCommit(  # the engine starts it once it is committed
                     Inserted(job, False), lambda: loop.call_soon(on_claimed, job)
                 )
             return Inserted(job, False)
 
-        return await self._write(unit)
+        # One statement, whose function undoes its own writes when it fails: no savepoint.
+        return await self._write(unit, savepoint=False)
 
     # --- workers and leases ------------------------------------------------------------
 
@@ -770,6 +762,16 @@ class PostgresStore(base.SQLStore):
         for row in await self._fetch("count_webhook_deliveries"):
             counts[str(row["status"])] = int(row["n"])
         return counts
+
+
+def _function_failed(code: str, message: str) -> exceptions.StoreUnavailable:
+    """The error of a statement that failed inside a store function (SQLSTATE ``code``),
+    as :func:`translate` would have said it; the function undid its writes."""
+    if code == "53100":
+        return exceptions.StoreFull("The database's disk is full; try again later", 30)
+    if code == "55P03" or code == "40P01":  # lock timeout, deadlock
+        return exceptions.StoreBusy("The database is busy; try again")
+    return exceptions.StoreUnavailable(f"The database failed: {code}: {message}")
 
 
 def _set_event(event: asyncio.Event, _conn: object) -> None:

@@ -35,51 +35,16 @@ SELECT status, sum(n) FROM gone GROUP BY status HAVING sum(n) <> 0;
 -- name: next_run_after
 SELECT min(run_after) FROM jobs WHERE status = 'queued';
 
--- name: lock_inserts
--- Inserts of all replicas take turns (one transaction each, a batch of jobs in it), so
--- the limits and idempotency keys they check hold exactly, across replicas.
-SELECT pg_advisory_xact_lock(7202407110);
-
--- name: insert_counts
--- What an insert checks, in one statement: jobs waiting and the caller's unfinished
--- ones, each counted up to its limit (at most that many entries of an index).
-SELECT (SELECT count(*) FROM (
-            SELECT 1 FROM jobs WHERE status = 'queued' LIMIT :most_queued
-        ) AS waiting) AS queued,
-       (SELECT count(*) FROM (
-            SELECT 1 FROM jobs
-             WHERE client = :client AND status IN ('queued', 'running', 'processing_artifacts')
-             LIMIT :most_active
-        ) AS unfinished) AS active;
-
--- name: delete_stale_key
-DELETE FROM idempotency_keys WHERE owner = :owner AND key = :key AND created_at < :stale_before;
-
--- name: find_key
-SELECT job_id, request_hash FROM idempotency_keys WHERE owner = :owner AND key = :key;
-
 -- name: insert_job
-INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, progress,
-                  owner, client, user_id, client_request_id, callback_url, created_at,
-                  updated_at, run_after, expires_at)
-VALUES (:id, :kind, 'queued', :priority, :payload::jsonb, 0, :max_attempts, :progress::jsonb,
-        :owner, :client, :user_id, :client_request_id, :callback_url, :now, :now, :now,
-        :expires_at)
-RETURNING *;
-
--- name: insert_job_claimed
--- A job claimed by the transaction that inserts it (nothing else was waiting).
-INSERT INTO jobs (id, kind, status, priority, payload, attempts, max_attempts, progress,
-                  owner, client, user_id, client_request_id, callback_url, created_at,
-                  updated_at, started_at, run_after, expires_at, worker_id, lease_expires_at)
-VALUES (:id, :kind, 'running', :priority, :payload::jsonb, 1, :max_attempts,
-        :progress::jsonb, :owner, :client, :user_id, :client_request_id, :callback_url, :now,
-        :now, :now, :now, :expires_at, :worker_id, :lease_until)
-RETURNING *;
-
--- name: insert_key
-INSERT INTO idempotency_keys (owner, key, request_hash, job_id, created_at)
-VALUES (:owner, :key, :request_hash, :job_id, :now);
+-- The whole insert in one round trip (migration 2 says how): the job row, NULL when a
+-- limit refused it, or the job an idempotency key already names (replayed).
+SELECT r.replayed, r.request_hash, r.queued, r.active, r.error_code, r.error_message,
+       (r.job).*
+  FROM longdl_insert_job(:id, :kind, :priority, :payload::jsonb, :max_attempts,
+                         :progress::jsonb, :owner, :client, :user_id, :client_request_id,
+                         :callback_url, :now, :expires_at, :key, :request_hash,
+                         :stale_before, :limited, :most_queued, :most_active, :worker_id,
+                         :lease_until) AS r;
 
 -- name: register_worker
 INSERT INTO workers (id, host, pid, started_at, heartbeat_at)
