@@ -24,7 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
+import math
 import os
 import re
 import socket
@@ -262,13 +265,72 @@ class _Running:
             self.pending_notify = None
 
 
+class Watch:
+    """One waiter's interest in a job's next change (a long-poll, an event stream).
+
+    Taken before the waiter reads the job, so a change in between counts; once the job
+    changed it stays changed, whatever the waiter was doing at the time (writing a
+    heartbeat, say). A waiter waits on it as often as it likes and closes it when done.
+    Cheaper than ``asyncio.timeout`` around ``Event.wait``: a held waiter keeps one
+    future and a heap entry, not a timer, a timeout object and a coroutine frame.
+    """
+
+    __slots__ = ("_future", "_hub", "changed", "job_id")
+
+    def __init__(self, hub: ChangeHub, job_id: str) -> None:
+        self._hub = hub
+        self.job_id = job_id
+        #: The job changed (or the service is draining) since the watch was taken.
+        self.changed = False
+        self._future: asyncio.Future[bool] | None = None
+
+    def wait(self, timeout_s: float) -> asyncio.Future[bool]:
+        """A future that becomes True when the job changes (at once if it already did),
+        False after ``timeout_s``; await it."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.changed or timeout_s <= 0:
+            future.set_result(self.changed)
+        else:
+            self._future = future
+            self._hub._time_out(future, timeout_s)
+        return future
+
+    def _set(self) -> None:
+        self.changed = True
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    def close(self) -> None:
+        """Stop watching (a waiter that is done: answered, gone or cancelled)."""
+        self._hub._forget(self)
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.cancel()
+
+
 class ChangeHub:
-    """Per-job change notification for long-polls and event streams, plus listeners."""
+    """Per-job change notification for long-polls and event streams, plus listeners.
+
+    Two ways to wait: :meth:`event` (an ``asyncio.Event`` per job, for the rare waiter)
+    and :meth:`watch` (for the many held requests): watches time out on one timer and
+    one heap shared by all of them.
+    """
+
+    #: Timed-out or answered entries the timeout heap may hold before it is rebuilt.
+    HEAP_SLACK = 1024
 
     def __init__(self) -> None:
         self._events: weakref.WeakValueDictionary[str, asyncio.Event] = (
             weakref.WeakValueDictionary()
         )
+        self._watches: dict[str, set[Watch]] = {}
+        #: (due, sequence, future): the pending timeouts of watches, earliest first.
+        self._timeouts: list[tuple[float, int, asyncio.Future[bool]]] = []
+        self._sequence = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
+        self._rebuild_at = self.HEAP_SLACK
         self._listeners: list[Listener] = []
 
     def event(self, job_id: str) -> asyncio.Event:
@@ -279,12 +341,26 @@ class ChangeHub:
             self._events[job_id] = event
         return event
 
+    def watch(self, job_id: str) -> Watch:
+        """A :class:`Watch` of the job's next change; take it before reading the job and
+        close it when done."""
+        watch = Watch(self, job_id)
+        watches = self._watches.get(job_id)
+        if watches is None:
+            watches = self._watches[job_id] = set()
+        watches.add(watch)
+        return watch
+
     def wake_all(self) -> None:
         """Wake everyone waiting for a change (the service is shutting down)."""
         events = list(self._events.values())
         self._events.clear()
         for event in events:
             event.set()
+        watches, self._watches = self._watches, {}
+        for job_watches in watches.values():
+            for watch in job_watches:
+                watch._set()
 
     def wake(self, job_id: str) -> None:
         """Wake whoever waits for this job's next change (it changed elsewhere); they
@@ -292,15 +368,17 @@ class ChangeHub:
         event = self._events.pop(job_id, None)
         if event is not None:
             event.set()
+        self._wake_watches(job_id)
 
     def is_watched(self, job_id: str) -> bool:
         """Whether someone is waiting for this job's next change right now."""
-        return job_id in self._events
+        return job_id in self._events or job_id in self._watches
 
     def notify(self, job: Job) -> None:
         event = self._events.pop(job.id, None)
         if event is not None:
             event.set()
+        self._wake_watches(job.id)
         for listener in list(self._listeners):
             try:
                 listener(job)
@@ -311,6 +389,50 @@ class ChangeHub:
         """Call ``listener`` with a snapshot on every change; returns the remover."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def _wake_watches(self, job_id: str) -> None:
+        watches = self._watches.pop(job_id, None)
+        if watches is not None:
+            for watch in watches:
+                watch._set()
+
+    def _forget(self, watch: Watch) -> None:
+        watches = self._watches.get(watch.job_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[watch.job_id]
+
+    def _time_out(self, future: asyncio.Future[bool], timeout_s: float) -> None:
+        """Resolve ``future`` False after ``timeout_s`` unless something resolved it."""
+        loop = future.get_loop()
+        due = loop.time() + timeout_s
+        timeouts = self._timeouts
+        if len(timeouts) >= self._rebuild_at:
+            # Answered waiters leave their entry behind; drop them now and then.
+            timeouts[:] = [entry for entry in timeouts if not entry[2].done()]
+            heapq.heapify(timeouts)
+            self._rebuild_at = max(self.HEAP_SLACK, 2 * len(timeouts))
+        heapq.heappush(timeouts, (due, next(self._sequence), future))
+        if due < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(due, self._fire, loop)
+            self._timer_due = due
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop runs a timer up to its clock resolution early: its due time has come.
+        now = max(loop.time(), self._timer_due)
+        timeouts = self._timeouts
+        while timeouts and (timeouts[0][0] <= now or timeouts[0][2].done()):
+            future = heapq.heappop(timeouts)[2]
+            if not future.done():
+                future.set_result(False)
+        self._timer = None
+        self._timer_due = math.inf
+        if timeouts:
+            self._timer_due = timeouts[0][0]
+            self._timer = loop.call_at(self._timer_due, self._fire, loop)
 
 
 class Engine:

@@ -16,7 +16,7 @@ from conftest import AppFactory, finished, initiate, test_settings, wait_for
 
 from longdl import exceptions
 from longdl.app import create_app
-from longdl.engine import Artifact, JobContext
+from longdl.engine import Artifact, ChangeHub, JobContext
 from longdl.models import Job, JobStatus, Priority
 from longdl.storage import LocalStorage
 from longdl.testing import FlakyStorage
@@ -409,3 +409,49 @@ async def test_handlers_learn_why_they_are_stopped(make_client: AppFactory, tmp_
     await finished(timed, await submit(timed, "rec"))
 
     assert ["cancel", "shutdown", None] == recorder.reasons
+
+
+async def test_watch_keeps_a_change_made_while_its_waiter_was_busy() -> None:
+    """A change between two waits (a stream writing a heartbeat) wakes the next wait at once."""
+    hub = ChangeHub()
+    watch = hub.watch("job")
+    assert await watch.wait(0.01) is False
+    hub.wake("job")
+    assert await asyncio.wait_for(watch.wait(30), 5) is True
+    watch.close()
+
+
+async def test_watch_times_out_at_its_limit() -> None:
+    """A wait on a job that does not change answers False once its timeout passed."""
+    hub = ChangeHub()
+    loop = asyncio.get_running_loop()
+    watches = [hub.watch("job") for _ in range(3)]
+    started = loop.time()
+    results = await asyncio.gather(*(w.wait(0.05 * (i + 1)) for i, w in enumerate(watches)))
+    assert [False, False, False] == results
+    assert loop.time() - started >= 0.15
+    for watch in watches:
+        watch.close()
+    assert not hub.is_watched("job")
+
+
+async def test_answered_watches_do_not_pile_up() -> None:
+    """Waits answered by a change leave no more than HEAP_SLACK timeouts behind."""
+    hub = ChangeHub()
+    for _ in range(3 * ChangeHub.HEAP_SLACK):
+        watch = hub.watch("job")
+        waiting = watch.wait(3600)
+        hub.wake("job")
+        assert await waiting is True
+        watch.close()
+    assert len(hub._timeouts) <= 2 * ChangeHub.HEAP_SLACK
+    assert not hub.is_watched("job")
+
+
+async def test_drain_wakes_every_watch() -> None:
+    """wake_all (the engine's drain) answers every held wait with a change."""
+    hub = ChangeHub()
+    watches = [hub.watch(f"job-{i}") for i in range(3)]
+    waits = [w.wait(3600) for w in watches]
+    hub.wake_all()
+    assert [True, True, True] == await asyncio.wait_for(asyncio.gather(*waits), 5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,3 +91,26 @@ def test_a_uri_naming_no_storage_is_refused_at_start(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="RATE_LIMIT_STORAGE_URI"):
         create_app(test_settings(tmp_path, rate_limit_storage_uri="nosuch://x"))
+
+
+async def test_a_limiter_in_the_librarys_memory_storage_counts(
+    make_client: AppFactory,
+) -> None:
+    """RATE_LIMIT_STORAGE_URI=memory:// keeps the limits library's counters: 429 once spent."""
+    client = await make_client(rate_limit_storage_uri="memory://", rate_limit_max_requests=3)
+    assert [200, 200, 200, 429] == await statuses([client], 4)
+
+
+def test_a_service_without_shared_storage_does_not_load_the_library(tmp_path: Path) -> None:
+    """Without RATE_LIMIT_STORAGE_URI the app never imports limits (2 MB less memory)."""
+    code = (
+        "import sys\n"
+        "from longdl.app import create_app\n"
+        "from longdl.config import Settings\n"
+        f"create_app(Settings(data_dir={str(tmp_path)!r}))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'limits'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "[]" == out.stdout.strip()

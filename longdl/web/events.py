@@ -94,7 +94,9 @@ def last_event_id(request: web.Request) -> int | None:
         HTTPProblem: the id is not one this service hands out.
     """
     # No strip: HTTP already trims header values, and a query value is taken as sent.
-    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or ""
+    # The URL's query, not request.query, which would grow the request's cache of
+    # properties (208 bytes per held stream).
+    raw = request.headers.get("Last-Event-ID") or request.rel_url.query.get("lastEventId") or ""
     if not raw:
         return None
     if not _EVENT_ID.match(raw):
@@ -124,14 +126,6 @@ class _Stream:
 
     async def ping(self) -> None:
         await self.response.write(b": ping\n\n")
-
-
-async def _changed_within(changed: asyncio.Event, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for the job's next change (or the engine's drain)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout_s):
-            await changed.wait()
-    return changed.is_set()
 
 
 @routes.get("/v1/download/{job_id}/events")
@@ -173,50 +167,57 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     ends_at = loop.time() + settings.sse_max_s
     seen_id = last_event_id(request)
     job_id = request.match_info["job_id"]
-    # Take the change event before reading, so a change in between is not missed.
-    changed = engine.hub.event(job_id)
-    job = await api.visible_job(request)
-
-    response = web.StreamResponse(
-        headers={
-            hdrs.CONTENT_TYPE: "text/event-stream",
-            hdrs.CACHE_CONTROL: "no-cache, no-transform",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    # Sent, and read by nothing again; a held stream would keep them (~3 KiB each).
-    response.headers.clear()
-    stream = _Stream(request, response, seen_id or 0)
-    with contextlib.suppress(ConnectionError):
-        await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
-        job_view = render.view(request, job)
-        if job.status.finished or seen_id is None or seen_id < event_id(job):
-            await stream.send("snapshot", job, job_view)
-        # While it waits, a stream keeps what it compares, not the job (memory per stream).
-        last_status: JobStatus = job.status
-        last_tag = job_view.etag
-        finished = job.status.finished
-        del job, job_view
-        while not finished:
-            remaining_s = ends_at - loop.time()
-            if remaining_s <= 0 or engine.stopping:
-                break
-            if not await _changed_within(changed, min(settings.sse_heartbeat_s, remaining_s)):
-                if loop.time() < ends_at:
-                    await stream.ping()
-                continue
-            changed = engine.hub.event(job_id)
-            try:
-                job, job_view = await api.visible_view(request)
-            except exceptions.JobNotFound:
-                break  # purged while we watched: nothing more will happen
-            if job_view.etag == last_tag:
-                continue  # woken, but nothing a client sees changed
-            event = "status" if job.status is not last_status else "progress"
-            await stream.send(event, job, job_view)
-            last_status, last_tag, finished = job.status, job_view.etag, job.status.finished
+    # Watch before reading, so a change in between is not missed.
+    watch = engine.hub.watch(job_id)
+    try:
+        job = await api.visible_job(request)
+        response = web.StreamResponse(
+            headers={
+                hdrs.CONTENT_TYPE: "text/event-stream",
+                hdrs.CACHE_CONTROL: "no-cache, no-transform",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        # Sent, and read by nothing again; a held stream would keep them (~3 KiB each).
+        response.headers.clear()
+        stream = _Stream(request, response, seen_id or 0)
+        # try/except, not contextlib.suppress: a held stream keeps no suppress object.
+        try:
+            await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
+            job_view = render.view(request, job)
+            if job.status.finished or seen_id is None or seen_id < event_id(job):
+                await stream.send("snapshot", job, job_view)
+            # While it waits, a stream keeps what it compares, not the job (memory per
+            # stream).
+            last_status: JobStatus = job.status
+            last_tag = job_view.etag
+            finished = job.status.finished
             del job, job_view
+            while not finished:
+                remaining_s = ends_at - loop.time()
+                if remaining_s <= 0 or engine.stopping:
+                    break
+                if not await watch.wait(min(settings.sse_heartbeat_s, remaining_s)):
+                    if loop.time() < ends_at:
+                        await stream.ping()
+                    continue
+                watch.close()
+                watch = engine.hub.watch(job_id)
+                try:
+                    job, job_view = await api.visible_view(request)
+                except exceptions.JobNotFound:
+                    break  # purged while we watched: nothing more will happen
+                if job_view.etag == last_tag:
+                    continue  # woken, but nothing a client sees changed
+                event = "status" if job.status is not last_status else "progress"
+                await stream.send(event, job, job_view)
+                last_status, last_tag, finished = job.status, job_view.etag, job.status.finished
+                del job, job_view
+        except ConnectionError:
+            pass
+    finally:
+        watch.close()
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response

@@ -24,20 +24,19 @@ import math
 import time
 from collections.abc import Hashable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import limits
-import limits.aio.storage
-import limits.errors
-import limits.storage
 from aiohttp import hdrs, web
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import FixedWindowRateLimiter
 from yarl import URL
 
 from longdl import ids
 from longdl.config import Network, Settings, parse_api_keys, parse_networks
 from longdl.web import keys
 from longdl.web.problems import REQUEST_ID_HEADER, HTTPProblem, problem_response
+
+if TYPE_CHECKING:
+    import limits.aio.storage
+    from limits.aio.strategies import FixedWindowRateLimiter
 
 log = logging.getLogger("longdl.web")
 
@@ -220,6 +219,11 @@ def shared_storage(uri: str) -> limits.aio.storage.Storage:
     Raises:
         ValueError: the URI names no async storage, or its client library is missing.
     """
+    # Imported here: only a shared limiter needs the library (and its 2 MB of modules).
+    import limits.aio.storage
+    import limits.errors
+    import limits.storage
+
     if not uri.startswith("async+"):
         uri = f"async+{uri}"
     try:
@@ -263,32 +267,47 @@ class _Windows:
         self._counts = {k: v for k, v in self._counts.items() if now < v[0]}
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A number of requests per window, counted under its own name."""
+
+    amount: int
+    namespace: str
+
+
 class RateLimiter:
     """Fixed windows per caller and budget, as the original service's limiter had.
 
-    The ``limits`` library keeps the counters: in this process's memory (each replica
-    counts its own), or in the storage ``RATE_LIMIT_STORAGE_URI`` names (a Redis shared by
-    every replica, say), so a caller's budget is one across replicas. When that storage
-    cannot answer, requests go through (logged): a rate limiter must not take the API down.
+    Counters are kept in this process's memory (each replica counts its own), or by the
+    ``limits`` library in the storage ``RATE_LIMIT_STORAGE_URI`` names (a Redis shared by
+    every replica, say), so a caller's budget is one across replicas; only then is the
+    library imported. When that storage cannot answer, requests go through (logged): a
+    rate limiter must not take the API down.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.window_s = max(1, math.ceil(settings.rate_limit_window_ms / 1000))
         self._items = {
-            "api": limits.RateLimitItemPerSecond(
-                settings.rate_limit_max_requests, self.window_s, namespace="api"
-            ),
-            "poll": limits.RateLimitItemPerSecond(
-                settings.rate_limit_poll_max_requests, self.window_s, namespace="poll"
-            ),
+            "api": Budget(settings.rate_limit_max_requests, "api"),
+            "poll": Budget(settings.rate_limit_poll_max_requests, "poll"),
             # Wrong API keys per address: counted only on failure, checked before a key is.
-            "auth": limits.RateLimitItemPerSecond(
-                settings.rate_limit_auth_failures, self.window_s, namespace="auth"
-            ),
+            "auth": Budget(settings.rate_limit_auth_failures, "auth"),
         }
         uri = settings.rate_limit_storage_uri
         self.shared = uri is not None
-        self._limiter = FixedWindowRateLimiter(shared_storage(uri) if uri else MemoryStorage())
+        self._limiter: FixedWindowRateLimiter | None = None
+        self._shared_items: dict[str, limits.RateLimitItem] = {}
+        if uri is not None:
+            import limits
+            from limits.aio.strategies import FixedWindowRateLimiter
+
+            self._limiter = FixedWindowRateLimiter(shared_storage(uri))
+            self._shared_items = {
+                name: limits.RateLimitItemPerSecond(
+                    budget.amount, self.window_s, namespace=budget.namespace
+                )
+                for name, budget in self._items.items()
+            }
         self._windows = _Windows(self.window_s)
 
     def hit_here(self, budget: str, caller: str, now: float) -> tuple[bool, RateWindow]:
@@ -303,8 +322,9 @@ class RateLimiter:
         if not self.shared:
             return self.hit_here(budget, caller, now)
         item = self._items[budget]
+        assert self._limiter is not None
         try:
-            allowed = await self._limiter.hit(item, caller)
+            allowed = await self._limiter.hit(self._shared_items[budget], caller)
         except Exception as exc:
             log.warning("ratelimit.storage_failed error=%r", exc)
             return True, RateWindow(item.amount, item.amount, self.window_s, self.window_s)
@@ -317,16 +337,15 @@ class RateLimiter:
         if not self.shared:
             count, reset_at = self._windows.peek((budget, caller), now)
             return self._window(item, item.amount - count, reset_at, now)
+        assert self._limiter is not None
         try:
-            stats = await self._limiter.get_window_stats(item, caller)
+            stats = await self._limiter.get_window_stats(self._shared_items[budget], caller)
         except Exception as exc:
             log.warning("ratelimit.storage_failed error=%r", exc)
             return RateWindow(item.amount, item.amount, self.window_s, self.window_s)
         return self._window(item, stats.remaining, stats.reset_time, now)
 
-    def _window(
-        self, item: limits.RateLimitItem, remaining: int, reset_at: float, now: float
-    ) -> RateWindow:
+    def _window(self, item: Budget, remaining: int, reset_at: float, now: float) -> RateWindow:
         """The window of ``item`` with ``remaining`` requests left, ending at ``reset_at``."""
         return RateWindow(
             limit=item.amount,
@@ -345,10 +364,12 @@ class RateLimiter:
             if count < item.amount:
                 return None
             return max(1, min(self.window_s, math.ceil(reset_at - now)))
+        assert self._limiter is not None
+        shared_item = self._shared_items[budget]
         try:
-            if await self._limiter.test(item, caller):
+            if await self._limiter.test(shared_item, caller):
                 return None
-            stats = await self._limiter.get_window_stats(item, caller)
+            stats = await self._limiter.get_window_stats(shared_item, caller)
         except Exception as exc:
             log.warning("ratelimit.storage_failed error=%r", exc)
             return None
