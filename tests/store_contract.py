@@ -185,6 +185,27 @@ class StoreContract:
         await store.complete(job_id, "w1", {"key": "k"}, Progress(), ttl_s=60)
         await store.insert_job(new_job(client="c"), limits=limits)
 
+    async def test_limits_stay_exact_through_many_changes(self, store: Store) -> None:
+        """Hundreds of inserts, claims, finishes and cancels later, each limit still
+        refuses exactly at its bound (PostgreSQL keeps the counts as deltas it folds)."""
+        limits = Limits(max_queued=150, max_active_per_client=120)
+        ids = [(await store.insert_job(new_job(), limits=limits)).job.id for _ in range(100)]
+        running = [job.id for job in await store.claim("w1", 30, 40)]
+        for job_id in running[:30]:
+            await store.complete(job_id, "w1", {"key": job_id}, Progress(), ttl_s=60)
+        for job_id in [i for i in ids if i not in running][-20:]:
+            await store.cancel(job_id, 60, "canceled")
+        # Unfinished: 100 - 30 - 20 = 50 of client "c"; queued: 100 - 40 - 20 = 40.
+        for _ in range(70):
+            await store.insert_job(new_job(), limits=limits)
+        with pytest.raises(exceptions.TooManyActiveJobs):
+            await store.insert_job(new_job(), limits=limits)
+        for _ in range(40):  # 110 queued: 40 more from others reach the queue's bound
+            await store.insert_job(new_job(client="other"), limits=limits)
+        with pytest.raises(exceptions.Overloaded):
+            await store.insert_job(new_job(client="third"), limits=limits)
+        assert 150 == (await store.count_by_status())[JobStatus.QUEUED]
+
     async def test_a_replay_is_answered_even_at_the_limit(self, store: Store) -> None:
         """A replay creates nothing, so the limits do not refuse it."""
         limits = Limits(max_queued=1, max_active_per_client=1)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+import asyncpg
 import pytest
 from store_contract import StoreContract, new_job
 
+from longdl import exceptions
 from longdl.models import JobStatus
 from longdl.store import Limits, Store, WorkerInfo
 from longdl.store.postgres import PostgresStore
@@ -114,3 +116,38 @@ async def test_a_replica_whose_connections_are_gone_is_dead(
     assert "r1" not in await replicas[0].live_workers()
     rescued = await replicas[0].rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="r0")
     assert [job_id] == [job.id for job in rescued.requeued]
+
+
+async def test_an_upgraded_database_counts_the_jobs_it_had(database_url: str) -> None:
+    """A database made by migration 1 with unfinished jobs in it keeps each caller's
+    limit once migration 2 moves the counts to kept deltas."""
+    first = migrations("postgres")[0]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE longdl_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        await conn.execute(first.sql)
+        await conn.execute("INSERT INTO longdl_migrations VALUES (1, $1)", first.name)
+        for i, status in enumerate(["queued", "running", "queued", "completed"]):
+            await conn.execute(
+                "INSERT INTO jobs (id, kind, status, priority, payload, max_attempts,"
+                " progress, client, created_at, updated_at)"
+                " VALUES ($1, 'download', $2, 1, '{}', 3, '{}', 'c', $3, $3)",
+                f"old-{i}",
+                status,
+                float(i),
+            )
+    finally:
+        await conn.close()
+    store = PostgresStore(database_url, worker_id="new")
+    await store.open()
+    try:
+        limits = Limits(max_queued=100, max_active_per_client=5)
+        await store.insert_job(new_job(client="c"), limits=limits)
+        await store.insert_job(new_job(client="c"), limits=limits)  # 3 old + 2 new
+        with pytest.raises(exceptions.TooManyActiveJobs):
+            await store.insert_job(new_job(client="c"), limits=limits)
+    finally:
+        await store.close()

@@ -482,11 +482,9 @@ class PostgresStore(base.SQLStore):
             "key": idempotency_key,
             "request_hash": request_hash,
             "stale_before": now - IDEMPOTENCY_TTL_S,
-            # Without limits, an insert only asks whether anything waits (so it may
-            # claim its own job); with them, it counts up to each limit.
             "limited": limits is not None,
-            "most_queued": limits.max_queued if limits else 1,
-            "most_active": limits.max_active_per_client if limits else 0,
+            "max_queued": limits.max_queued if limits else 0,
+            "max_active": limits.max_active_per_client if limits else 0,
             "worker_id": claim.worker_id if claim else None,
             "lease_until": now + claim.lease_s if claim else None,
         }
@@ -680,7 +678,12 @@ class PostgresStore(base.SQLStore):
         return await self._write(unit)
 
     async def compact(self) -> None:
-        await self._write(lambda conn: _execute(conn, "compact_counts", {}))
+        async def unit(conn: asyncpg.Connection) -> None:
+            await _execute(conn, "lock_inserts", {})
+            await _execute(conn, "compact_counts", {})
+            await _execute(conn, "compact_client_counts", {})
+
+        await self._write(unit)
 
     async def claim_trash(self, limit: int, lease_s: float) -> list[TrashItem]:
         now = self._clock()

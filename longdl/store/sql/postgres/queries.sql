@@ -27,10 +27,19 @@ SELECT * FROM jobs
 -- name: count_by_status
 SELECT status, sum(n)::bigint AS n FROM job_count_deltas GROUP BY status;
 
+-- name: lock_inserts
+-- What folds of kept counts take first (migration 2 says why).
+SELECT pg_advisory_xact_lock(7202407110);
+
 -- name: compact_counts
 WITH gone AS (DELETE FROM job_count_deltas RETURNING status, n)
 INSERT INTO job_count_deltas (status, n)
 SELECT status, sum(n) FROM gone GROUP BY status HAVING sum(n) <> 0;
+
+-- name: compact_client_counts
+WITH gone AS (DELETE FROM client_active_deltas RETURNING client, n)
+INSERT INTO client_active_deltas (client, n)
+SELECT client, sum(n) FROM gone GROUP BY client HAVING sum(n) <> 0;
 
 -- name: next_run_after
 SELECT min(run_after) FROM jobs WHERE status = 'queued';
@@ -43,7 +52,7 @@ SELECT r.replayed, r.request_hash, r.queued, r.active, r.error_code, r.error_mes
   FROM longdl_insert_job(:id, :kind, :priority, :payload::jsonb, :max_attempts,
                          :progress::jsonb, :owner, :client, :user_id, :client_request_id,
                          :callback_url, :now, :expires_at, :key, :request_hash,
-                         :stale_before, :limited, :most_queued, :most_active, :worker_id,
+                         :stale_before, :limited, :max_queued, :max_active, :worker_id,
                          :lease_until) AS r;
 
 -- name: register_worker
