@@ -492,6 +492,33 @@ async def test_a_wedged_request_is_cut_at_request_timeout(
     assert "REQUEST_TIMEOUT" == (await response.json())["code"]
 
 
+async def test_answered_requests_leave_no_deadline_behind() -> None:
+    """Under steady load (one request always in flight), the deadlines of answered
+    requests are let go at once, not kept until they would have passed: memory follows
+    the requests in flight, not the last REQUEST_TIMEOUT_MS of traffic."""
+    import tracemalloc
+
+    from longdl.web.pipeline import Deadlines
+
+    deadlines = Deadlines()
+    held = asyncio.create_task(asyncio.Event().wait())
+    connections = [asyncio.create_task(asyncio.sleep(3600)) for _ in range(64)]
+    deadlines.enter(held, 30)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            deadlines.enter(connections[i % 64], 30)
+            deadlines.leave(connections[i % 64])
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        for task in (held, *connections):
+            task.cancel()
+    assert grown < 100_000, f"{grown:,} bytes kept for 20,000 answered requests"
+    assert 1 == len(deadlines)
+
+
 def test_waits_must_fit_under_the_request_timeout() -> None:
     """A long-poll cap at or above REQUEST_TIMEOUT_MS is refused at start-up."""
     from pydantic import ValidationError
