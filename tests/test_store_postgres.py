@@ -151,3 +151,30 @@ async def test_an_upgraded_database_counts_the_jobs_it_had(database_url: str) ->
             await store.insert_job(new_job(client="c"), limits=limits)
     finally:
         await store.close()
+
+
+async def test_a_writing_replica_vacuums_the_kept_counts(database_url: str) -> None:
+    """Every change leaves a dead delta row behind; a replica that writes vacuums them
+    within seconds, so counting stays as cheap as the queue is long (autovacuum looks
+    once a minute)."""
+    store = PostgresStore(database_url, worker_id="w")
+    await store.open()
+    try:
+        for _ in range(200):  # three folds of the queued count, and their dead rows
+            await store.insert_job(new_job(), limits=Limits(10_000, 10_000))
+        conn = await asyncpg.connect(database_url)
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            vacuums = 0
+            while vacuums == 0 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.2)  # polling interval of a deadline loop
+                vacuums = await conn.fetchval(
+                    "SELECT vacuum_count FROM pg_stat_user_tables"
+                    " WHERE relname = 'job_count_deltas'"
+                )
+            assert vacuums > 0
+            assert 200 == (await store.count_by_status())[JobStatus.QUEUED]
+        finally:
+            await conn.close()
+    finally:
+        await store.close()
