@@ -7,7 +7,9 @@ folder and the secrets), with the load settings of every benchmark and a stuck
 "upstream": the first job stays running with one ETag (P1: its status, served from
 memory by the replica running it and from the database by the others), later jobs wait
 in the queue (P2: only taking them is measured). wrk (``-t2 -c64``) goes through nginx,
-round-robin over the replicas.
+round-robin over the replicas. PG7 asks P7's question of PostgreSQL: with one replica,
+initiates again once WAITING more jobs of the same caller wait in the queue, against its
+own rate just before (the limits are checked on every insert).
 
 On a 2-core machine the replicas, PostgreSQL, nginx and wrk share two cores: more
 replicas add processes, not cores, so the figures say what a replica costs, not how
@@ -16,7 +18,9 @@ far one scales on a bigger machine.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
 import sys
 import time
 import types
@@ -29,6 +33,8 @@ from bench.common import Row
 FILES = (70000, 70007)
 PATH = "/v1/download/initiate"
 REPLICAS = (1, 2, 3)
+#: Jobs queued before the last initiate figure (P7's question asked of PostgreSQL).
+WAITING = 20_000
 
 
 def supported() -> bool:
@@ -84,7 +90,9 @@ def _sqlite(tmp: Path, script: Path) -> dict[str, float]:
             front.stop()
 
 
-def _postgres(tmp: Path, script: Path, replicas: int) -> dict[str, float]:
+def _postgres(tmp: Path, script: Path, replicas: int, waiting: int = 0) -> dict[str, float]:
+    """Status and initiates through ``replicas`` replicas; with ``waiting``, initiates again
+    once that many more jobs of the same caller wait in the queue."""
     cluster = _cluster_module().Cluster(
         tmp / f"pg-{replicas}",
         replicas=replicas,
@@ -92,9 +100,38 @@ def _postgres(tmp: Path, script: Path, replicas: int) -> dict[str, float]:
     )
     try:
         cluster.start()
-        return _measure(cluster.url, script)
+        figures = _measure(cluster.url, script)
+        if waiting:
+            asyncio.run(_fill_queue(cluster.database_url, waiting))
+            figures["initiate_waiting"] = common.wrk(cluster.url + PATH, script=script).rps
+        return figures
     finally:
         cluster.stop()
+
+
+async def _fill_queue(database_url: str, count: int) -> None:
+    """Queue ``count`` jobs of the caller that sent the last ones, in one statement (the
+    triggers keep the counts, as for any insert)."""
+    import asyncpg
+
+    from longdl.models import Progress
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO jobs (id, kind, status, priority, payload, max_attempts, progress,"
+            " owner, client, created_at, updated_at, run_after)"
+            " SELECT gen_random_uuid()::text, kind, 'queued', priority, payload, max_attempts,"
+            " $2::jsonb, owner, client, now_s, now_s, now_s"
+            " FROM (SELECT kind, priority, payload, max_attempts, owner, client,"
+            "              extract(epoch FROM clock_timestamp())::float8 AS now_s"
+            "         FROM jobs WHERE status = 'queued' LIMIT 1) AS last,"
+            "      generate_series(1, $1)",
+            count,
+            json.dumps(Progress().to_dict()),
+        )
+    finally:
+        await conn.close()
 
 
 def run() -> dict[str, object]:
@@ -106,7 +143,10 @@ def run() -> dict[str, object]:
         for round_ in range(common.rounds()):
             runs: dict[str, Any] = {"sqlite": lambda r=round_: _sqlite(tmp / f"r{r}", script)}
             for n in REPLICAS:
-                runs[f"pg{n}"] = lambda n=n, r=round_: _postgres(tmp / f"r{r}", script, n)
+                more = WAITING if n == 1 else 0
+                runs[f"pg{n}"] = lambda n=n, r=round_, w=more: _postgres(
+                    tmp / f"r{r}", script, n, w
+                )
             for name, measure in runs.items():
                 figures = measure()
                 for key, value in figures.items():
@@ -123,6 +163,11 @@ def run() -> dict[str, object]:
             Row(f"PG{n}", f"durable initiate, {label}", best[f"pg{n}"]["initiate"], rps,
                 base["initiate"], "SQLite, 1 process behind nginx"),
         ]  # fmt: skip
+    rows.append(
+        Row("PG7", f"durable initiate, {WAITING:,} more jobs waiting, PostgreSQL, 1 replica",
+            best["pg1"]["initiate_waiting"], rps, best["pg1"]["initiate"],
+            "the same replica before they were queued", min_ratio=0.8)
+    )  # fmt: skip
     figures = {
         f"{name} {key}": f"{value:,.0f} req/s"
         for name, values in best.items()
