@@ -211,6 +211,20 @@ async def test_forwarded_for_counts_from_a_trusted_proxy(make_client: AppFactory
     assert [200, 200, 429] == statuses
 
 
+async def test_a_long_forwarded_chain_is_read_as_a_short_one(make_client: AppFactory) -> None:
+    """A chain too long to be remembered still names its client, the last hop that is not
+    a trusted proxy, whatever the client put before it."""
+    client = await make_client(rate_limit_max_requests=1, trusted_proxies=["127.0.0.0/8"])
+    forged = ", ".join(f"203.0.113.{i}" for i in range(40))  # the client's own invention
+    statuses = []
+    for chain in (f"{forged}, 198.51.100.7, 127.0.0.2", "198.51.100.7", f"{forged}, 198.51.100.8"):
+        response = await client.post(
+            "/v1/download/check", json={"file_id": 70000}, headers={"X-Forwarded-For": chain}
+        )
+        statuses.append(response.status)
+    assert [200, 429, 200] == statuses
+
+
 async def test_a_proxys_own_requests_and_its_clients_keep_their_own_budgets(
     make_client: AppFactory,
 ) -> None:
