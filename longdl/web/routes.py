@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
 from yarl import URL
@@ -41,6 +41,9 @@ from longdl.models import (
 from longdl.web import keys, policy, render
 from longdl.web.openapi import JOB_ID, UUID_PATTERN, Param, Resp, doc, problem
 from longdl.web.problems import HTTPProblem, dumps, read_json
+
+if TYPE_CHECKING:
+    from longdl.engine import Engine
 
 log = logging.getLogger("longdl.web")
 
@@ -521,6 +524,11 @@ async def status(request: web.Request) -> web.StreamResponse:
     engine = request.app[keys.ENGINE]
     wait_s = _wait_s(request)
     job_id = request.match_info["job_id"]
+    live = _live_view(request, engine, job_id) if not wait_s else None
+    if live is not None and not live[0].status.finished:
+        # Most polls: a job running here (no URL to sign), answered without an await.
+        job, job_view = live
+        return _status_answer(request, job, job_view, resource.encoded(job_view, job))
     # A long-poll watches before reading, so a change in between counts.
     watch = engine.hub.watch(job_id) if wait_s > 0 else None
     try:
@@ -554,21 +562,41 @@ async def status(request: web.Request) -> web.StreamResponse:
     finally:
         if watch is not None:
             watch.close()
+    return _status_answer(request, job, job_view, await render.job_bytes(request, job, job_view))
+
+
+def _status_answer(
+    request: web.Request, job: Job, job_view: resource.View, data: bytes
+) -> web.Response:
+    """The job's encoding ``data`` with its validator and poll hints, or 304 when the
+    client's If-None-Match names its ETag."""
     tag = job_view.etag
+    client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
     if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
         return web.Response(status=304, headers=poll_headers(job, tag))
-    return await job_response(request, job, job_view=job_view)
+    return web.Response(body=data, content_type=render.JSON, headers=poll_headers(job, tag))
+
+
+def _live_view(
+    request: web.Request, engine: Engine, job_id: str
+) -> tuple[Job, resource.View] | None:
+    """The caller's job running here, read in place (no copy, no query), and its
+    rendering, kept per version of it; None for any other job. A running job has no
+    signed URL to add, so answering it needs no await."""
+    live = engine.live(job_id)
+    if live is None:
+        return None
+    job, version = live
+    if job.owner != caller_of(request):
+        return None
+    return job, render.view(request, job, version)
 
 
 async def visible_view(request: web.Request) -> tuple[Job, resource.View]:
-    """The job named in the URL and its rendering; a job running here is read in place
-    (no copy, no query), the rendering kept per version of it."""
-    job_id = request.match_info["job_id"]
-    live = request.app[keys.ENGINE].live(job_id)
+    """The job named in the URL and its rendering; a job running here is read in place."""
+    live = _live_view(request, request.app[keys.ENGINE], request.match_info["job_id"])
     if live is not None:
-        job, version = live
-        if job.owner == caller_of(request):
-            return job, render.view(request, job, version)
+        return live
     job = await visible_job(request)
     return job, render.view(request, job)
 
