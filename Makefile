@@ -57,20 +57,21 @@ container-test:
 	$(PYTHON) tests/container_check.py
 
 # Measurements, not pass/fail tests (see bench/__init__.py). `make bench` runs every figure
-# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~8 min);
+# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~12 min);
 # `make bench-quick` runs P1, P2 and P5 and only prints the table (~1 min).
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $@
 
-# wrk, redis-server and nginx (the PostgreSQL figures' load balancer) from Debian when
-# missing (as root); RUNLEVEL=1 keeps the packages from starting Redis and nginx as system
-# services: the benchmarks run their own, in the foreground.
+# wrk, redis-server, nginx (the PostgreSQL figures' load balancer) and valgrind (P1 in
+# instructions) from Debian when missing (as root); RUNLEVEL=1 keeps the packages from
+# starting Redis and nginx as system services: the benchmarks run their own.
 bench-tools:
 	@need=""; \
 	command -v wrk >/dev/null || need="$$need wrk"; \
 	command -v redis-server >/dev/null || need="$$need redis-server"; \
 	PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null || need="$$need nginx-light"; \
+	command -v valgrind >/dev/null || need="$$need valgrind"; \
 	if [ -n "$$need" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "make bench needs:$$need (apt-get install$$need)"; exit 1; fi; \
 		apt-get update -q && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$need; \

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 #: Benchmark modules of a full run, in this order.
 BENCHMARKS = (
     "bench.status",
+    "bench.instructions",
     "bench.initiate",
     "bench.jobs_e2e",
     "bench.held",

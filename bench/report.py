@@ -219,14 +219,19 @@ def commands() -> list[str]:
     job = re.compile(r"/([0-9a-f]{8}-[0-9a-f-]{27,}|[0-9a-f]{32})")
     wrk_lines = sorted({job.sub("/{jobId}", line) for line in common.WRK_COMMANDS})
     return [
-        "- `make bench`: installs `wrk` and `redis-server` with apt when missing, the "
-        "`[test,bench]` extras into `.venv`, then runs `.venv/bin/python -m bench`.",
+        "- `make bench`: installs `wrk`, `redis-server`, `nginx-light` and `valgrind` with "
+        "apt when missing, the `[test,bench]` extras into `.venv`, then runs "
+        "`.venv/bin/python -m bench`.",
         "- `make bench-quick` (`python -m bench --quick`): P1, P2 and P5 only, shorter runs; "
         "prints the table, leaves this file alone.",
         "- One benchmark: `.venv/bin/python -m bench status` (or `initiate`, `jobs_e2e`, "
-        "`held`, `bundle_local`, `bundle_s3`, `bundle_memory`, `postgres`, `profile`); "
+        "`instructions`, `held`, `bundle_local`, `bundle_s3`, `bundle_memory`, `postgres`, "
+        "`profile`); "
         "`BENCH_WRK_S`, `BENCH_ROUNDS` change the run length, `BENCH_KEEP=1` keeps the "
         "servers' logs.",
+        "- `instructions` counts P1 in instructions with callgrind "
+        "(`valgrind --tool=callgrind --vgdb=no`): serves that answered 100 and 1,100 polls, "
+        "differenced; this machine's noise cannot blur it.",
         f"- longdl: `python -m longdl serve` with a fresh `DATA_DIR` and `{settings}`; "
         f"where a job must stay running: `{stuck}`.",
         "- FastAPI: `uvicorn --app-dir bench/peers fastapi_dict:app` (or `fastapi_arq:app`) "
