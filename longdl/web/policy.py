@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Hashable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import hdrs, web
 from yarl import URL
@@ -194,9 +194,12 @@ def is_local_caller(request: web.Request, sync_origins: Iterable[str]) -> bool:
     return peer is not None and peer.is_loopback
 
 
-@dataclass(frozen=True, slots=True)
-class RateWindow:
-    """What the caller has left in its current window, for the RateLimit-* headers."""
+class RateWindow(NamedTuple):
+    """What the caller has left in its current window, for the RateLimit-* headers.
+
+    A named tuple: immutable, and made on every request for less than a frozen
+    dataclass, whose ``__init__`` sets each field through ``object.__setattr__``.
+    """
 
     limit: int
     remaining: int
@@ -654,20 +657,19 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     request[STAMPED] = True
     headers = response.headers
     app = request.app
-    extra: dict[str, str] = {}
-    request_id = request.get(keys.REQUEST_ID)
-    if request_id:
-        extra[REQUEST_ID_HEADER] = request_id
     if "Content-Security-Policy" not in headers:
         # The header, not the property: that parses it (1.4 % of a status poll).
         is_page = headers.get(hdrs.CONTENT_TYPE, "").startswith("text/html")
-        extra.update(PAGE_HEADERS if is_page else API_HEADERS)
+        extra = dict(PAGE_HEADERS if is_page else API_HEADERS)
     else:
-        extra.update({name: v for name, v in SECURITY_HEADERS.items() if name not in headers})
+        extra = {name: v for name, v in SECURITY_HEADERS.items() if name not in headers}
+    request_id = request.get(keys.REQUEST_ID)
+    if request_id:
+        extra[REQUEST_ID_HEADER] = request_id
     rules = app.get(POLICY)
     window = request.get(RATE_WINDOW)
     if window is not None:
-        extra.update(window.headers())
+        extra |= window.headers()
     worker_id = app.get(keys.WORKER_ID)
     if worker_id:
         # Which replica answered: behind a load balancer, any of them may.
