@@ -24,10 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import heapq
-import itertools
 import logging
-import math
 import os
 import re
 import socket
@@ -52,6 +49,7 @@ from longdl.storage import (
 )
 from longdl.store import Claim, Inserted, Limits, NewJob, Store, WorkerInfo
 from longdl.store import base as store_base
+from longdl.timeouts import Timeouts
 
 log = logging.getLogger("longdl.engine")
 
@@ -286,51 +284,49 @@ class Watch:
 
     def wait(self, timeout_s: float) -> asyncio.Future[bool]:
         """A future that becomes True when the job changes (at once if it already did),
-        False after ``timeout_s``; await it."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        False after ``timeout_s`` (to within a few tenths of a second); await it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         if self.changed or timeout_s <= 0:
             future.set_result(self.changed)
         else:
             self._future = future
-            self._hub._time_out(future, timeout_s)
+            self._hub._timeouts.add(future, timeout_s, loop)
         return future
 
     def _set(self) -> None:
         self.changed = True
         future, self._future = self._future, None
-        if future is not None and not future.done():
-            future.set_result(True)
+        if future is not None:
+            self._hub._timeouts.discard(future)
+            if not future.done():
+                future.set_result(True)
 
     def close(self) -> None:
         """Stop watching (a waiter that is done: answered, gone or cancelled)."""
         self._hub._forget(self)
         future, self._future = self._future, None
-        if future is not None and not future.done():
-            future.cancel()
+        if future is not None:
+            self._hub._timeouts.discard(future)
+            if not future.done():
+                future.cancel()
 
 
 class ChangeHub:
     """Per-job change notification for long-polls and event streams, plus listeners.
 
     Two ways to wait: :meth:`event` (an ``asyncio.Event`` per job, for the rare waiter)
-    and :meth:`watch` (for the many held requests): watches time out on one timer and
-    one heap shared by all of them.
+    and :meth:`watch` (for the many held requests): watches time out on one timer shared
+    by all of them (:class:`longdl.timeouts.Timeouts`).
     """
-
-    #: Timed-out or answered entries the timeout heap may hold before it is rebuilt.
-    HEAP_SLACK = 1024
 
     def __init__(self) -> None:
         self._events: weakref.WeakValueDictionary[str, asyncio.Event] = (
             weakref.WeakValueDictionary()
         )
         self._watches: dict[str, set[Watch]] = {}
-        #: (due, sequence, future): the pending timeouts of watches, earliest first.
-        self._timeouts: list[tuple[float, int, asyncio.Future[bool]]] = []
-        self._sequence = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = math.inf
-        self._rebuild_at = self.HEAP_SLACK
+        #: The waits of watches, answered False when their time passes.
+        self._timeouts: Timeouts[asyncio.Future[bool]] = Timeouts(_timed_out)
         self._listeners: list[Listener] = []
 
     def event(self, job_id: str) -> asyncio.Event:
@@ -403,36 +399,10 @@ class ChangeHub:
             if not watches:
                 del self._watches[watch.job_id]
 
-    def _time_out(self, future: asyncio.Future[bool], timeout_s: float) -> None:
-        """Resolve ``future`` False after ``timeout_s`` unless something resolved it."""
-        loop = future.get_loop()
-        due = loop.time() + timeout_s
-        timeouts = self._timeouts
-        if len(timeouts) >= self._rebuild_at:
-            # Answered waiters leave their entry behind; drop them now and then.
-            timeouts[:] = [entry for entry in timeouts if not entry[2].done()]
-            heapq.heapify(timeouts)
-            self._rebuild_at = max(self.HEAP_SLACK, 2 * len(timeouts))
-        heapq.heappush(timeouts, (due, next(self._sequence), future))
-        if due < self._timer_due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(due, self._fire, loop)
-            self._timer_due = due
 
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The loop runs a timer up to its clock resolution early: its due time has come.
-        now = max(loop.time(), self._timer_due)
-        timeouts = self._timeouts
-        while timeouts and (timeouts[0][0] <= now or timeouts[0][2].done()):
-            future = heapq.heappop(timeouts)[2]
-            if not future.done():
-                future.set_result(False)
-        self._timer = None
-        self._timer_due = math.inf
-        if timeouts:
-            self._timer_due = timeouts[0][0]
-            self._timer = loop.call_at(self._timer_due, self._fire, loop)
+def _timed_out(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(False)
 
 
 class Engine:

@@ -18,13 +18,13 @@ check that needs no await (no keys, a limiter counting in memory).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from longdl.timeouts import Timeouts
 from longdl.web import keys, metrics, policy, problems
 from longdl.web.policy import POLICY, RATE_WINDOW
 
@@ -79,63 +79,32 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 class Deadlines:
-    """Cuts requests that outlive their deadline, with one timer for all of them.
-
-    ``asyncio.timeout`` schedules and cancels a timer per request (7 % of a status poll's
-    time under wrk). Here a request enters the set of the tick its deadline falls in and
-    leaves it when answered: a dict and a set, what requests in flight hold and no more
-    (a heap kept every deadline until it passed, 30 s of them under load). A tick every
-    TICK_S cuts the requests of the ticks that passed; they are cancelled and answered
-    504. A deadline of 30 s is kept to within TICK_S.
-    """
-
-    TICK_S = 0.1
+    """Cuts requests that outlive their deadline, on one timer for all of them
+    (:class:`longdl.timeouts.Timeouts`): cut requests are cancelled and answered 504; a
+    deadline of 30 s is kept to within a few tenths of a second."""
 
     def __init__(self) -> None:
-        #: Request (its task) -> the tick its deadline falls in.
-        self._due: dict[asyncio.Task[Any], int] = {}
-        self._ticks: dict[int, set[asyncio.Task[Any]]] = {}
+        self._waiting: Timeouts[asyncio.Task[Any]] = Timeouts(self._cut)
         self._expired: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         """Requests waiting for their deadline."""
-        return len(self._due)
+        return len(self._waiting)
 
     def enter(self, task: asyncio.Task[Any], limit_s: float) -> None:
-        loop = task.get_loop()
-        tick = math.ceil((loop.time() + limit_s) / self.TICK_S)
-        self._due[task] = tick
-        tasks = self._ticks.get(tick)
-        if tasks is None:
-            tasks = self._ticks[tick] = set()
-        tasks.add(task)
-        if self._timer is None:
-            self._timer = loop.call_later(self.TICK_S, self._tick, loop)
+        self._waiting.add(task, limit_s, task.get_loop())
 
     def leave(self, task: asyncio.Task[Any]) -> bool:
         """Forget the request; True when it was cut at its deadline (and is cancelled)."""
-        tick = self._due.pop(task, None)
-        if tick is not None:
-            tasks = self._ticks[tick]
-            tasks.discard(task)
-            if not tasks:
-                del self._ticks[tick]
+        self._waiting.discard(task)
         if task in self._expired:
             self._expired.discard(task)
             return True
         return False
 
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time() / self.TICK_S
-        # At most one tick per TICK_S of REQUEST_TIMEOUT_MS: a few hundred keys.
-        for tick in [tick for tick in self._ticks if tick <= now]:
-            for task in self._ticks.pop(tick):
-                if self._due.get(task) == tick:  # not left, not entered again since
-                    del self._due[task]
-                    self._expired.add(task)
-                    task.cancel()
-        self._timer = loop.call_later(self.TICK_S, self._tick, loop) if self._ticks else None
+    def _cut(self, task: asyncio.Task[Any]) -> None:
+        self._expired.add(task)
+        task.cancel()
 
 
 DEADLINES = web.AppKey("deadlines", Deadlines)
