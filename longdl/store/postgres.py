@@ -98,11 +98,20 @@ S = {name: _Statement(query.sql) for name, query in queries("postgres").items()}
 
 def translate(exc: BaseException) -> exceptions.StoreUnavailable:
     """The longdl error for a database failure that retrying later can fix."""
-    if isinstance(exc, asyncpg.exceptions.DiskFullError):
+    return _by_state(getattr(exc, "sqlstate", None), f"{type(exc).__name__}: {exc}")
+
+
+def _by_state(sqlstate: str | None, what: str) -> exceptions.StoreUnavailable:
+    """The longdl error for a failure with SQLSTATE ``sqlstate`` (None: not a statement's),
+    raised by asyncpg or caught inside a store function."""
+    if sqlstate == asyncpg.exceptions.DiskFullError.sqlstate:
         return exceptions.StoreFull("The database's disk is full; try again later", 30)
-    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError | asyncpg.DeadlockDetectedError):
+    if sqlstate in (
+        asyncpg.exceptions.LockNotAvailableError.sqlstate,
+        asyncpg.DeadlockDetectedError.sqlstate,
+    ):
         return exceptions.StoreBusy("The database is busy; try again")
-    return exceptions.StoreUnavailable(f"The database failed: {type(exc).__name__}: {exc}")
+    return exceptions.StoreUnavailable(f"The database failed: {what}")
 
 
 #: Failures of the database (or the way to it) rather than of a statement's logic.
@@ -523,7 +532,8 @@ class PostgresStore(base.SQLStore):
         async def unit(conn: asyncpg.Connection) -> Inserted | AfterCommit[Inserted]:
             row = await _fetchrow(conn, "insert_job", params)
             if row["error_code"] is not None:
-                raise _function_failed(row["error_code"], row["error_message"])
+                # The function undid its writes; its failure reads as translate says.
+                raise _by_state(row["error_code"], f"{row['error_code']}: {row['error_message']}")
             if row["replayed"]:
                 return Inserted(row_to_job(row), True, row["request_hash"])
             if row["id"] is None:  # a limit refused it
@@ -796,16 +806,6 @@ class PostgresStore(base.SQLStore):
         for row in await self._fetch("count_webhook_deliveries"):
             counts[str(row["status"])] = int(row["n"])
         return counts
-
-
-def _function_failed(code: str, message: str) -> exceptions.StoreUnavailable:
-    """The error of a statement that failed inside a store function (SQLSTATE ``code``),
-    as :func:`translate` would have said it; the function undid its writes."""
-    if code == "53100":
-        return exceptions.StoreFull("The database's disk is full; try again later", 30)
-    if code == "55P03" or code == "40P01":  # lock timeout, deadlock
-        return exceptions.StoreBusy("The database is busy; try again")
-    return exceptions.StoreUnavailable(f"The database failed: {code}: {message}")
 
 
 def _set_event(event: asyncio.Event, _conn: object) -> None:
