@@ -660,18 +660,24 @@ def best_of(runs: Sequence[float], lower_is_better: bool = False) -> float:
 
 
 def start_canned(
-    tmp: Path, routes: list[dict[str, Any]], name: str = "aiohttp", middleware: bool = False
+    tmp: Path,
+    routes: list[dict[str, Any]],
+    name: str = "aiohttp",
+    middleware: bool = False,
+    wrapper: Sequence[str] = (),
+    timeout_s: float = 30.0,
 ) -> tuple[Child, str]:
     """Bare aiohttp (``peers/aiohttp_canned.py``) answering ``routes``, with one pass-through
-    middleware if asked; returns it and its URL."""
+    middleware if asked, under ``wrapper`` if given (its log is ``tmp/NAME.log``); returns
+    it and its URL."""
     port = free_port()
     spec = tmp / f"{name}-spec.json"
     spec.write_text(json.dumps({"routes": routes, "middleware": middleware}))
     child = Child(
-        [sys.executable, str(PEERS / "aiohttp_canned.py"), str(port), str(spec)],
+        [*wrapper, sys.executable, str(PEERS / "aiohttp_canned.py"), str(port), str(spec)],
         tmp / f"{name}.log",
     )
-    _wait_port(port, child)
+    _wait_port(port, child, timeout_s)
     return child, f"http://127.0.0.1:{port}"
 
 

@@ -17,16 +17,15 @@ valgrind with the other tools.
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import shutil
-import sys
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.common import Child, Longdl, Row
+from bench.common import Longdl, Row
 from bench.status import FILES, _capture, _route
 
 FEW = 100
@@ -39,8 +38,9 @@ def _callgrind(out: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", "--vgdb=no", f"--callgrind-out-file={out}"]
 
 
-def _polls(port: int, path: str, count: int) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+def _polls(url: str, path: str, count: int) -> None:
+    """``count`` polls of ``path`` on the server at ``url``, over one connection."""
+    conn = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=120)
     try:
         for _ in range(count):
             conn.request("GET", path)
@@ -68,7 +68,7 @@ def _longdl(tmp: Path, count: int) -> int:
         server.start(timeout_s=600)
         job = server.initiate(FILES)
         server.wait_status(job, "running")
-        _polls(server.port, job["statusUrl"], count)
+        _polls(server.url, job["statusUrl"], count)
     finally:
         server.stop()
     return _collected(data.parent / f"{data.name}-serve.log")
@@ -76,18 +76,14 @@ def _longdl(tmp: Path, count: int) -> int:
 
 def _bare(tmp: Path, route: dict[str, Any], middleware: bool, count: int) -> int:
     name = f"bare-{int(middleware)}-{count}"
-    port = common.free_port()
-    spec = tmp / f"{name}.json"
-    spec.write_text(json.dumps({"routes": [route], "middleware": middleware}))
-    log = tmp / f"{name}.log"
-    command = [sys.executable, str(common.PEERS / "aiohttp_canned.py"), str(port), str(spec)]
-    child = Child([*_callgrind(tmp / f"{name}.cg"), *command], log)
+    child, url = common.start_canned(
+        tmp, [route], name, middleware, _callgrind(tmp / f"{name}.cg"), timeout_s=300
+    )
     try:
-        common._wait_port(port, child, 300)
-        _polls(port, route["path"], count)
+        _polls(url, route["path"], count)
     finally:
         child.stop(timeout_s=120)
-    return _collected(log)
+    return _collected(tmp / f"{name}.log")
 
 
 def _per_poll(measure: Callable[[int], int]) -> float:
