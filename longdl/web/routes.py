@@ -481,16 +481,14 @@ def _wait_s(request: web.Request) -> float:
 poll_headers = render.poll_headers
 
 
-async def job_response(
-    request: web.Request,
-    job: Job,
-    status: int = 200,
-    *,
-    job_view: resource.View | None = None,
-) -> web.Response:
+async def job_response(request: web.Request, job: Job, status: int = 200) -> web.Response:
     """The job resource with its validator and poll hints."""
-    job_view = job_view or render.view(request, job)
-    data = await render.job_bytes(request, job, job_view)
+    job_view = render.view(request, job)
+    return _job_answer(job, job_view, await render.job_bytes(request, job, job_view), status)
+
+
+def _job_answer(job: Job, job_view: resource.View, data: bytes, status: int = 200) -> web.Response:
+    """The job's encoding ``data`` with its validator and poll hints."""
     return web.Response(
         status=status,
         body=data,
@@ -574,7 +572,7 @@ def _status_answer(
     client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
     if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
         return web.Response(status=304, headers=poll_headers(job, tag))
-    return web.Response(body=data, content_type=render.JSON, headers=poll_headers(job, tag))
+    return _job_answer(job, job_view, data)
 
 
 def _live_view(
