@@ -12,7 +12,9 @@ import time
 import zipfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import IO, cast
+from typing import IO, Any, cast
+
+from zlib_ng.zlib_ng import crc32
 
 ZIP64_THRESHOLD_BYTES = 2**31
 
@@ -76,6 +78,9 @@ class ZipWriter:
             cast(IO[bytes], self._sink), "w", zipfile.ZIP_STORED, allowZip64=True
         )
         self._member: IO[bytes] | None = None
+        #: zipfile's writer keeps the entry's running CRC-32 and size where we can add to
+        #: them (see :meth:`_take`).
+        self._counts = False
         self._date_time = time.gmtime()[:6]
         self._force_zip64 = force_zip64
 
@@ -85,12 +90,17 @@ class ZipWriter:
         info.file_size = size_bytes
         info.external_attr = 0o644 << 16
         zip64 = self._force_zip64 or size_bytes >= ZIP64_THRESHOLD_BYTES
-        self._member = self._archive.open(info, "w", force_zip64=zip64)
+        self._member = member = self._archive.open(info, "w", force_zip64=zip64)
+        self._counts = hasattr(member, "_crc") and hasattr(member, "_file_size")
         return self._sink.drain()
 
     def write(self, data: bytes | memoryview) -> bytes:
         assert self._member is not None, "begin() an entry first"
-        self._member.write(data)  # CRC-32 (zlib, without the GIL) and a copy into the sink
+        if self._counts:
+            self._take(data)
+            self._sink.write(data)
+        else:
+            self._member.write(data)
         return self._sink.drain()
 
     def account(self, data: bytes | memoryview) -> None:
@@ -99,9 +109,24 @@ class ZipWriter:
         assert self._member is not None, "begin() an entry first"
         self._sink.silent = True
         try:
-            self._member.write(data)
+            if self._counts:
+                self._take(data)
+                self._sink.write(data)
+            else:
+                self._member.write(data)
         finally:
             self._sink.silent = False
+
+    def _take(self, data: bytes | memoryview) -> None:
+        """What zipfile's entry writer does with ``data`` besides writing it, with
+        zlib-ng's CRC-32: about 30 GB/s here where zlib's, which zipfile calls, does 4,
+        a quarter of a local bundle's time (P5). zipfile cannot be handed a CRC, so this
+        adds to the two counters its writer closes the entry with (a stored entry has no
+        others); :meth:`begin` checks they are there, and without them the entry goes
+        through zipfile's own ``write``."""
+        member = cast(Any, self._member)
+        member._crc = crc32(data, member._crc)
+        member._file_size += len(data)
 
     def end(self) -> bytes:
         assert self._member is not None, "begin() an entry first"

@@ -34,6 +34,43 @@ def test_streamed_archive_reads_back(force_zip64: bool) -> None:
         assert stored == {zipfile.ZIP_STORED}
 
 
+class _Unseekable:
+    """A file zipfile can write into but not seek back in, like the writer's own sink."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.data += data
+        return len(data)
+
+    def tell(self) -> int:
+        return len(self.data)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("force_zip64", [False, True], ids=["zip", "zip64"])
+def test_the_archive_is_the_one_zipfile_writes_itself(force_zip64: bool) -> None:
+    """The writer counts each entry's CRC-32 and size itself (with zlib-ng, not through
+    zipfile's ``write``): the bytes are still exactly those zipfile writes on its own,
+    data descriptors and central directory included."""
+    entries = {"a.bin": bytes(range(256)) * 300, "empty": b"", "b.bin": b"\x00\xff" * 4099}
+    ours = _archive(ZipWriter(force_zip64=force_zip64), entries, chunk=5000)
+    with zipfile.ZipFile(io.BytesIO(ours)) as archive:
+        date_time = archive.infolist()[0].date_time
+    sink = _Unseekable()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as reference:  # type: ignore[arg-type]
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name, date_time=date_time)
+            info.file_size = len(data)
+            info.external_attr = 0o644 << 16
+            with reference.open(info, "w", force_zip64=force_zip64) as member:
+                member.write(data)
+    assert ours == bytes(sink.data)
+
+
 def test_emit_gets_the_same_bytes_and_account_leaves_them_to_the_caller() -> None:
     """With ``emit`` the writer hands over every byte; ``account`` bytes the caller
     places itself, and the archive is the same as the plain one."""
