@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from longdl.app import create_app
 from longdl.config import Settings
@@ -135,3 +136,28 @@ async def finished(
 # each is started once per session.
 from pgserver import database_url, postgres  # noqa: E402, F401
 from s3server import make_s3_storage, s3_storage, seaweed  # noqa: E402, F401
+
+
+class Receiver:
+    """A webhook receiver recording each delivery's webhook-id and job."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        self.deliveries.append((request.headers["webhook-id"], body["data"]["jobId"]))
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    recorder = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", recorder.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield recorder, str(server.make_url("/hook"))
+    finally:
+        await server.close()

@@ -5,20 +5,17 @@ twice, left behind or run beyond its attempts, and every webhook arrives."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import re
 import sqlite3
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from conftest import wait_for
+from conftest import Receiver, wait_for
 from service import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -29,31 +26,6 @@ KILLS = 5
 SOURCES = {file_id: (2 << 20) + file_id for file_id in range(50001, 50007)}
 #: Change with CHAOS_SEED to try other kill moments; the seed is in every failure.
 SEED = int(os.environ.get("CHAOS_SEED", "8"))
-
-
-class Receiver:
-    """A webhook receiver recording each delivery's webhook-id and job."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[str, str]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        self.deliveries.append((request.headers["webhook-id"], body["data"]["jobId"]))
-        return web.Response(status=204)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    recorder = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", recorder.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield recorder, str(server.make_url("/hook"))
-    finally:
-        await server.close()
 
 
 @pytest.fixture

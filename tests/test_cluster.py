@@ -5,21 +5,18 @@ starts them, so the example a user runs is the one tested."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from conftest import require_tool, wait_for
+from conftest import Receiver, require_tool, wait_for
 from s3server import SeaweedServer, unique_bucket
 from test_examples import load_example
 
@@ -37,31 +34,6 @@ BASE_ENV = {
     "PROGRESS_FLUSH_MS": "200",
     "SHUTDOWN_GRACE_S": "0",
 }
-
-
-class Receiver:
-    """A webhook receiver recording each delivery's webhook-id and job."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[str, str]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        self.deliveries.append((request.headers["webhook-id"], body["data"]["jobId"]))
-        return web.Response(status=204)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    recorder = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", recorder.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield recorder, str(server.make_url("/hook"))
-    finally:
-        await server.close()
 
 
 def start_cluster(root: Path, env: dict[str, str]) -> Any:

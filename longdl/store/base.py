@@ -46,6 +46,80 @@ def dump_json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+def _loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def row_to_job(row: Mapping[str, Any]) -> Job:
+    """A jobs row as a :class:`Job`."""
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        status=JobStatus(row["status"]),
+        priority=Priority(row["priority"]),
+        payload=orjson.loads(row["payload"]),
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        progress=Progress.from_dict(orjson.loads(row["progress"])),
+        result=_loads(row["result"]),
+        error=_loads(row["error"]),
+        owner=row["owner"],
+        user_id=row["user_id"],
+        client_request_id=row["client_request_id"],
+        callback_url=row["callback_url"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        run_after=row["run_after"],
+        expires_at=row["expires_at"],
+        client=row["client"],
+        worker_id=row["worker_id"],
+        lease_expires_at=row["lease_expires_at"],
+        stalls=row["stalls"],
+    )
+
+
+_DELIVERY_FIELDS = (
+    "id",
+    "job_id",
+    "event_type",
+    "url",
+    "payload",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_status_code",
+    "created_at",
+    "updated_at",
+    "delivered_at",
+)
+
+
+def row_to_delivery(row: Mapping[str, Any]) -> WebhookDelivery:
+    return WebhookDelivery(**{name: row[name] for name in _DELIVERY_FIELDS})
+
+
+def insert_params(new: NewJob, progress: Progress, now: float) -> dict[str, Any]:
+    """The parameters an SQL store's insert of ``new`` takes, as of ``now``."""
+    return {
+        "id": new.id,
+        "kind": new.kind,
+        "priority": int(new.priority),
+        "payload": dump_json(new.payload),
+        "max_attempts": new.max_attempts,
+        "progress": dump_json(progress.to_dict()),
+        "owner": new.owner,
+        "client": new.client,
+        "user_id": new.user_id,
+        "client_request_id": new.client_request_id,
+        "callback_url": new.callback_url,
+        "now": now,
+        "expires_at": new.expires_at,
+    }
+
+
 def requeued_progress(job: Job, message: str) -> Progress:
     """The progress of a job going back to the queue: reset, saying why."""
     return Progress(files_total=job.progress.files_total, message=message)
@@ -468,6 +542,65 @@ class SQLStore(Store):
     async def _held_write(self, name: str, params: dict[str, Any]) -> Job | None:
         """Run statement ``name`` with ``params`` (plus ``now``, unless given) as one
         write; the job it returned, or None."""
+
+    @abc.abstractmethod
+    async def _read_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """The rows of read statement ``name`` with ``params``."""
+
+    @abc.abstractmethod
+    async def _read_one(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        """The first row of read statement ``name`` with ``params``, or None."""
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._read_one("get_job", {"id": job_id})
+        return row_to_job(row) if row else None
+
+    async def list_jobs(
+        self,
+        *,
+        owner: str,
+        client: str | None = None,
+        user_id: str | None = None,
+        statuses: Sequence[JobStatus] = (),
+        limit: int = 20,
+        before: tuple[float, str] | None = None,
+    ) -> list[Job]:
+        params: dict[str, Any] = {
+            "owner": owner,
+            "client": owner if client is None else client,
+            "user_id": user_id,
+            "statuses": dump_json([s.value for s in statuses]) if statuses else None,
+            "limit": limit,
+        }
+        name = "list_jobs"
+        if before is not None:
+            name = "list_jobs_before"
+            params["before_at"], params["before_id"] = before
+        return [row_to_job(row) for row in await self._read_all(name, params)]
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        for row in await self._read_all("count_by_status"):
+            counts[JobStatus(row["status"])] = int(row["n"])
+        return counts
+
+    async def next_run_after(self) -> float | None:
+        row = await self._read_one("next_run_after")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def next_webhook_attempt_at(self) -> float | None:
+        row = await self._read_one("next_webhook_attempt_at")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
+        rows = await self._read_all("webhook_deliveries_of", {"job_id": job_id})
+        return [row_to_delivery(row) for row in rows]
+
+    async def count_webhook_deliveries(self) -> dict[str, int]:
+        counts = dict.fromkeys(("pending", "delivered", "failed"), 0)
+        for row in await self._read_all("count_webhook_deliveries"):
+            counts[str(row["status"])] = int(row["n"])
+        return counts
 
     async def _write_as_holder(
         self, name: str, job_id: str, worker_id: str, progress: Progress, **fields: Any

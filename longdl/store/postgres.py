@@ -51,9 +51,11 @@ from longdl.store.base import (
     WebhookDelivery,
     WorkerInfo,
     dump_json,
+    insert_params,
+    row_to_delivery,
+    row_to_job,
 )
 from longdl.store.queries import migrations, queries
-from longdl.store.sqlite import row_to_delivery, row_to_job
 
 log = logging.getLogger("longdl.store")
 
@@ -376,19 +378,19 @@ class PostgresStore(base.SQLStore):
             except Exception as exc:  # the next turn tries again
                 log.info("store.vacuum_failed error=%r", exc)
 
-    async def _fetch(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+    async def _read_all(self, name: str, params: Mapping[str, Any] | None = None) -> list[Any]:
         statement = S[name]
         try:
             return list(await self.pool.fetch(statement.sql, *statement.args(params or {})))
         except _DATABASE_ERRORS as exc:
             raise translate(exc) from exc
 
-    async def _fetchrow(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
-        rows = await self._fetch(name, params)
+    async def _read_one(self, name: str, params: Mapping[str, Any] | None = None) -> Any:
+        rows = await self._read_all(name, params)
         return rows[0] if rows else None
 
     async def ping(self) -> None:
-        await self._fetch("next_webhook_attempt_at")
+        await self._read_all("next_webhook_attempt_at")
         await self._write(_noop)
 
     async def schema_version(self) -> int:
@@ -454,43 +456,6 @@ class PostgresStore(base.SQLStore):
 
     # --- reads -------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> Job | None:
-        row = await self._fetchrow("get_job", {"id": job_id})
-        return row_to_job(row) if row else None
-
-    async def list_jobs(
-        self,
-        *,
-        owner: str,
-        client: str | None = None,
-        user_id: str | None = None,
-        statuses: Sequence[JobStatus] = (),
-        limit: int = 20,
-        before: tuple[float, str] | None = None,
-    ) -> list[Job]:
-        params: dict[str, Any] = {
-            "owner": owner,
-            "client": owner if client is None else client,
-            "user_id": user_id,
-            "statuses": dump_json([s.value for s in statuses]) if statuses else None,
-            "limit": limit,
-        }
-        name = "list_jobs"
-        if before is not None:
-            name = "list_jobs_before"
-            params["before_at"], params["before_id"] = before
-        return [row_to_job(row) for row in await self._fetch(name, params)]
-
-    async def count_by_status(self) -> dict[JobStatus, int]:
-        counts = dict.fromkeys(JobStatus, 0)
-        for row in await self._fetch("count_by_status"):
-            counts[JobStatus(row["status"])] = int(row["n"])
-        return counts
-
-    async def next_run_after(self) -> float | None:
-        row = await self._fetchrow("next_run_after")
-        return None if row is None or row[0] is None else float(row[0])
-
     # --- submitting --------------------------------------------------------------------
 
     async def insert_job(
@@ -506,19 +471,7 @@ class PostgresStore(base.SQLStore):
         progress = new.progress or Progress()
         loop = asyncio.get_running_loop()
         params = {
-            "id": new.id,
-            "kind": new.kind,
-            "priority": int(new.priority),
-            "payload": dump_json(new.payload),
-            "max_attempts": new.max_attempts,
-            "progress": dump_json(progress.to_dict()),
-            "owner": new.owner,
-            "client": new.client,
-            "user_id": new.user_id,
-            "client_request_id": new.client_request_id,
-            "callback_url": new.callback_url,
-            "now": now,
-            "expires_at": new.expires_at,
+            **insert_params(new, progress, now),
             "key": idempotency_key,
             "request_hash": request_hash,
             "stale_before": now - IDEMPOTENCY_TTL_S,
@@ -566,8 +519,8 @@ class PostgresStore(base.SQLStore):
         """Registered worker ids, and those alive: a fresh heartbeat, and (when this
         deployment shows it, i.e. our own id is visible) connections open."""
         now = self._clock()
-        rows = await self._fetch("workers")
-        connected = {row[0] for row in await self._fetch("connected_workers")}
+        rows = await self._read_all("workers")
+        connected = {row[0] for row in await self._read_all("connected_workers")}
         trusted = self.worker_id[:63] in connected
         connected |= {worker_id[:63] for worker_id in self._registered}
         alive = {
@@ -758,14 +711,6 @@ class PostgresStore(base.SQLStore):
 
         return await self._write(unit)
 
-    async def next_webhook_attempt_at(self) -> float | None:
-        row = await self._fetchrow("next_webhook_attempt_at")
-        return None if row is None else float(row[0])
-
-    async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
-        rows = await self._fetch("webhook_deliveries_of", {"job_id": job_id})
-        return [row_to_delivery(row) for row in rows]
-
     async def set_webhook_payload(self, delivery_id: str, payload: str) -> str | None:
         params = {"id": delivery_id, "payload": payload}
 
@@ -800,12 +745,6 @@ class PostgresStore(base.SQLStore):
             return row_to_delivery(row) if row else None
 
         return await self._write(unit)
-
-    async def count_webhook_deliveries(self) -> dict[str, int]:
-        counts = dict.fromkeys(("pending", "delivered", "failed"), 0)
-        for row in await self._fetch("count_webhook_deliveries"):
-            counts[str(row["status"])] = int(row["n"])
-        return counts
 
 
 def _set_event(event: asyncio.Event, _conn: object) -> None:

@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import queue
@@ -35,10 +34,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import orjson
-
 from longdl import exceptions
-from longdl.models import Job, JobStatus, Priority, Progress
+from longdl.models import Job, JobStatus, Progress
 from longdl.store import base
 from longdl.store.base import (
     IDEMPOTENCY_TTL_S,
@@ -54,6 +51,9 @@ from longdl.store.base import (
     WebhookDelivery,
     WorkerInfo,
     dump_json,
+    insert_params,
+    row_to_delivery,
+    row_to_job,
 )
 from longdl.store.queries import migrations, queries
 
@@ -75,61 +75,6 @@ READ_BUSY_TIMEOUT_MS = 50
 CHECKPOINT_INTERVAL_S = 1.0
 #: Worker rows without a heartbeat for this many seconds are forgotten.
 WORKER_ROW_TTL_S = 24 * 3600
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else orjson.loads(text)
-
-
-def row_to_job(row: Mapping[str, Any]) -> Job:
-    """A jobs row as a :class:`Job`."""
-    return Job(
-        id=row["id"],
-        kind=row["kind"],
-        status=JobStatus(row["status"]),
-        priority=Priority(row["priority"]),
-        payload=orjson.loads(row["payload"]),
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        progress=Progress.from_dict(orjson.loads(row["progress"])),
-        result=_loads(row["result"]),
-        error=_loads(row["error"]),
-        owner=row["owner"],
-        user_id=row["user_id"],
-        client_request_id=row["client_request_id"],
-        callback_url=row["callback_url"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        run_after=row["run_after"],
-        expires_at=row["expires_at"],
-        client=row["client"],
-        worker_id=row["worker_id"],
-        lease_expires_at=row["lease_expires_at"],
-        stalls=row["stalls"],
-    )
-
-
-_DELIVERY_FIELDS = (
-    "id",
-    "job_id",
-    "event_type",
-    "url",
-    "payload",
-    "status",
-    "attempts",
-    "next_attempt_at",
-    "last_error",
-    "last_status_code",
-    "created_at",
-    "updated_at",
-    "delivered_at",
-)
-
-
-def row_to_delivery(row: Mapping[str, Any]) -> WebhookDelivery:
-    return WebhookDelivery(**{name: row[name] for name in _DELIVERY_FIELDS})
 
 
 def translate(exc: sqlite3.Error) -> exceptions.StoreUnavailable:
@@ -660,43 +605,6 @@ class SQLiteStore(base.SQLStore):
 
     # --- reads -------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> Job | None:
-        row = await self._read_one("get_job", {"id": job_id})
-        return row_to_job(row) if row else None
-
-    async def list_jobs(
-        self,
-        *,
-        owner: str,
-        client: str | None = None,
-        user_id: str | None = None,
-        statuses: Sequence[JobStatus] = (),
-        limit: int = 20,
-        before: tuple[float, str] | None = None,
-    ) -> list[Job]:
-        params: dict[str, Any] = {
-            "owner": owner,
-            "client": owner if client is None else client,
-            "user_id": user_id,
-            "statuses": json.dumps([s.value for s in statuses]) if statuses else None,
-            "limit": limit,
-        }
-        name = "list_jobs"
-        if before is not None:
-            name = "list_jobs_before"
-            params["before_at"], params["before_id"] = before
-        return [row_to_job(row) for row in await self._read_all(name, params)]
-
-    async def count_by_status(self) -> dict[JobStatus, int]:
-        counts = dict.fromkeys(JobStatus, 0)
-        for row in await self._read_all("count_by_status"):
-            counts[JobStatus(row["status"])] = int(row["n"])
-        return counts
-
-    async def next_run_after(self) -> float | None:
-        row = await self._read_one("next_run_after")
-        return None if row is None or row[0] is None else float(row[0])
-
     # --- submitting --------------------------------------------------------------------
 
     async def insert_job(
@@ -711,21 +619,7 @@ class SQLiteStore(base.SQLStore):
         now = self._clock()
         progress = new.progress or Progress()
         loop = asyncio.get_running_loop()
-        params = {
-            "id": new.id,
-            "kind": new.kind,
-            "priority": int(new.priority),
-            "payload": dump_json(new.payload),
-            "max_attempts": new.max_attempts,
-            "progress": dump_json(progress.to_dict()),
-            "owner": new.owner,
-            "client": new.client,
-            "user_id": new.user_id,
-            "client_request_id": new.client_request_id,
-            "callback_url": new.callback_url,
-            "now": now,
-            "expires_at": new.expires_at,
-        }
+        params = insert_params(new, progress, now)
         key = {"owner": new.owner, "key": idempotency_key}
 
         def unit(conn: sqlite3.Connection) -> Inserted | AfterCommit[Inserted]:
@@ -957,14 +851,6 @@ class SQLiteStore(base.SQLStore):
 
         return await self._write(unit)
 
-    async def next_webhook_attempt_at(self) -> float | None:
-        row = await self._read_one("next_webhook_attempt_at")
-        return None if row is None else float(row[0])
-
-    async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
-        rows = await self._read_all("webhook_deliveries_of", {"job_id": job_id})
-        return [row_to_delivery(row) for row in rows]
-
     async def set_webhook_payload(self, delivery_id: str, payload: str) -> str | None:
         def unit(conn: sqlite3.Connection) -> str | None:
             params = {"id": delivery_id, "payload": payload}
@@ -998,12 +884,6 @@ class SQLiteStore(base.SQLStore):
             return row_to_delivery(row) if row else None
 
         return await self._write(unit)
-
-    async def count_webhook_deliveries(self) -> dict[str, int]:
-        counts = dict.fromkeys(("pending", "delivered", "failed"), 0)
-        for row in await self._read_all("count_webhook_deliveries"):
-            counts[str(row["status"])] = int(row["n"])
-        return counts
 
 
 def _new_job(new: NewJob, progress: Progress, now: float, claim: Claim | None) -> Job:
