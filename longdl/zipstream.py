@@ -8,6 +8,7 @@ storage drives it from files on a thread of its own (see ``LocalStorage.write_zi
 
 from __future__ import annotations
 
+import io
 import time
 import zipfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -17,6 +18,18 @@ from typing import IO, Any, cast
 from zlib_ng.zlib_ng import crc32
 
 ZIP64_THRESHOLD_BYTES = 2**31
+
+
+def _writer_keeps_counts() -> bool:
+    """Whether zipfile's entry writer keeps its running CRC-32 and size where
+    :meth:`ZipWriter._take` adds to them (CPython's does)."""
+    with zipfile.ZipFile(io.BytesIO(), "w") as archive, archive.open("probe", "w") as member:
+        return hasattr(member, "_crc") and hasattr(member, "_file_size")
+
+
+#: Entries get their CRC-32 from zlib-ng (see :meth:`ZipWriter._take`); False: through
+#: zipfile's own ``write``, with zlib's.
+FAST_CRC = _writer_keeps_counts()
 
 
 class _Sink:
@@ -78,9 +91,6 @@ class ZipWriter:
             cast(IO[bytes], self._sink), "w", zipfile.ZIP_STORED, allowZip64=True
         )
         self._member: IO[bytes] | None = None
-        #: zipfile's writer keeps the entry's running CRC-32 and size where we can add to
-        #: them (see :meth:`_take`).
-        self._counts = False
         self._date_time = time.gmtime()[:6]
         self._force_zip64 = force_zip64
 
@@ -90,13 +100,12 @@ class ZipWriter:
         info.file_size = size_bytes
         info.external_attr = 0o644 << 16
         zip64 = self._force_zip64 or size_bytes >= ZIP64_THRESHOLD_BYTES
-        self._member = member = self._archive.open(info, "w", force_zip64=zip64)
-        self._counts = hasattr(member, "_crc") and hasattr(member, "_file_size")
+        self._member = self._archive.open(info, "w", force_zip64=zip64)
         return self._sink.drain()
 
     def write(self, data: bytes | memoryview) -> bytes:
         assert self._member is not None, "begin() an entry first"
-        if self._counts:
+        if FAST_CRC:
             self._take(data)
             self._sink.write(data)
         else:
@@ -109,7 +118,7 @@ class ZipWriter:
         assert self._member is not None, "begin() an entry first"
         self._sink.silent = True
         try:
-            if self._counts:
+            if FAST_CRC:
                 self._take(data)
                 self._sink.write(data)
             else:
@@ -122,8 +131,8 @@ class ZipWriter:
         zlib-ng's CRC-32: about 30 GB/s here where zlib's, which zipfile calls, does 4,
         a quarter of a local bundle's time (P5). zipfile cannot be handed a CRC, so this
         adds to the two counters its writer closes the entry with (a stored entry has no
-        others); :meth:`begin` checks they are there, and without them the entry goes
-        through zipfile's own ``write``."""
+        others); where a Python has them no more (:data:`FAST_CRC`), entries go through
+        zipfile's own ``write``."""
         member = cast(Any, self._member)
         member._crc = crc32(data, member._crc)
         member._file_size += len(data)
