@@ -302,6 +302,13 @@ class Watch:
             if not future.done():
                 future.set_result(True)
 
+    def renew(self) -> None:
+        """Watch for the change after the one this watch saw: call it before reading the
+        job again, so a change in between is not missed."""
+        self.close()
+        self.changed = False
+        self._hub._add(self)
+
     def close(self) -> None:
         """Stop watching (a waiter that is done: answered, gone or cancelled)."""
         self._hub._forget(self)
@@ -341,11 +348,14 @@ class ChangeHub:
         """A :class:`Watch` of the job's next change; take it before reading the job and
         close it when done."""
         watch = Watch(self, job_id)
-        watches = self._watches.get(job_id)
-        if watches is None:
-            watches = self._watches[job_id] = set()
-        watches.add(watch)
+        self._add(watch)
         return watch
+
+    def _add(self, watch: Watch) -> None:
+        watches = self._watches.get(watch.job_id)
+        if watches is None:
+            watches = self._watches[watch.job_id] = set()
+        watches.add(watch)
 
     def wake_all(self) -> None:
         """Wake everyone waiting for a change (the service is shutting down)."""

@@ -422,6 +422,21 @@ async def test_watch_keeps_a_change_made_while_its_waiter_was_busy() -> None:
     watch.close()
 
 
+async def test_a_renewed_watch_waits_for_the_next_change() -> None:
+    """After a wake-up, renew watches for the change after it: the one it saw no longer
+    counts, the next one does, and closing it leaves nothing watched."""
+    hub = ChangeHub()
+    watch = hub.watch("job")
+    hub.wake("job")
+    assert await watch.wait(30) is True
+    watch.renew()
+    assert await watch.wait(0.01) is False
+    hub.wake("job")
+    assert await asyncio.wait_for(watch.wait(30), 5) is True
+    watch.close()
+    assert not hub.is_watched("job")
+
+
 async def test_watch_times_out_at_its_limit() -> None:
     """A wait on a job that does not change answers False once its timeout passed."""
     hub = ChangeHub()

@@ -202,8 +202,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                     if loop.time() < ends_at:
                         await stream.ping()
                     continue
-                watch.close()
-                watch = engine.hub.watch(job_id)
+                watch.renew()
                 try:
                     job, job_view = await api.visible_view(request)
                 except exceptions.JobNotFound:

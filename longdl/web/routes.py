@@ -549,8 +549,7 @@ async def status(request: web.Request) -> web.StreamResponse:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait_s
             while await watch.wait(deadline - loop.time()) and not engine.stopping:
-                watch.close()
-                watch = engine.hub.watch(job_id)
+                watch.renew()
                 job, job_view = await visible_view(request)
                 if job_view.etag != tag or job.status.finished:
                     break
