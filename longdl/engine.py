@@ -296,11 +296,9 @@ class Watch:
 
     def _set(self) -> None:
         self.changed = True
-        future, self._future = self._future, None
-        if future is not None:
-            self._hub._timeouts.discard(future)
-            if not future.done():
-                future.set_result(True)
+        future = self._end_wait()
+        if future is not None and not future.done():
+            future.set_result(True)
 
     def renew(self) -> None:
         """Watch for the change after the one this watch saw: call it before reading the
@@ -312,11 +310,16 @@ class Watch:
     def close(self) -> None:
         """Stop watching (a waiter that is done: answered, gone or cancelled)."""
         self._hub._forget(self)
+        future = self._end_wait()
+        if future is not None and not future.done():
+            future.cancel()
+
+    def _end_wait(self) -> asyncio.Future[bool] | None:
+        """The pending wait's future, no longer waited on nor timed; None if none."""
         future, self._future = self._future, None
         if future is not None:
             self._hub._timeouts.discard(future)
-            if not future.done():
-                future.cancel()
+        return future
 
 
 class ChangeHub:

@@ -590,7 +590,7 @@ class SQLStore(Store):
 
     async def next_webhook_attempt_at(self) -> float | None:
         row = await self._read_one("next_webhook_attempt_at")
-        return None if row is None or row[0] is None else float(row[0])
+        return None if row is None else float(row[0])
 
     async def webhook_deliveries_of(self, job_id: str) -> list[WebhookDelivery]:
         rows = await self._read_all("webhook_deliveries_of", {"job_id": job_id})
