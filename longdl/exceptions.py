@@ -58,6 +58,12 @@ class StoreUnavailable(LongdlError):
         self.retry_after_s = retry_after_s
 
 
+class Unstorable(LongdlError):
+    """The job database refused a value of the request itself (text holding a NUL
+    character, which PostgreSQL cannot store); nothing was changed, and only a different
+    request can succeed."""
+
+
 class StoreBusy(StoreUnavailable):
     """Another process held the database's write lock past ``DB_BUSY_TIMEOUT_MS``."""
 

@@ -174,6 +174,11 @@ FileId = Annotated[
 ]
 
 
+#: Text a client names things with: anything but NUL, which PostgreSQL's text cannot hold
+#: (refused here, so both stores answer the same).
+NO_NUL = r"^[^\x00]*$"
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -216,9 +221,10 @@ class InitiateRequest(_Request):
         default=None,
         min_length=1,
         max_length=200,
+        pattern=NO_NUL,
         description="Idempotency key chosen by the client.",
     )
-    userId: str | None = Field(default=None, min_length=1, max_length=200)
+    userId: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
     priority: Literal["low", "normal", "high"] = "normal"
     callbackUrl: AnyHttpUrl | None = Field(
         default=None, description="Receives a signed POST when the job finishes."
@@ -387,7 +393,7 @@ class HistoryQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    userId: str | None = Field(default=None, min_length=1, max_length=200)
+    userId: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
     status: list[JobStatus] = Field(default_factory=list, description="Repeat or comma-separate.")
     limit: int = Field(default=20, ge=1, le=100)
     cursor: str | None = Field(default=None, max_length=400)

@@ -8,6 +8,7 @@ same way. Times come from the injected clock, so leases and TTLs run out on comm
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -164,6 +165,33 @@ class StoreContract:
         assert [True, True] == [await store.get_job(i) is not None for i in ("b", "c")]
         retried = await store.insert_job(new_job("d"), idempotency_key="k", request_hash="h")
         assert (False, "d") == (retried.replayed, retried.job.id)
+
+    async def test_inserts_the_database_refuses_fail_alone(self, store: Store) -> None:
+        """Inserts holding text the database cannot store (a NUL character: PostgreSQL's
+        text and jsonb refuse it) fail alone, as Unstorable: the inserts queued with them
+        in one transaction land, and each caller is told the truth about its own."""
+        poisoned = [
+            dataclasses.replace(new_job("bad-text"), user_id="a\x00b"),
+            dataclasses.replace(new_job("bad-json"), payload={"name": "a\x00b"}),
+        ]
+        results = await asyncio.gather(
+            *(store.insert_job(new_job(f"ok{i}")) for i in range(3)),
+            store.insert_job(poisoned[0]),
+            *(store.insert_job(new_job(f"ok{i}")) for i in range(3, 6)),
+            store.insert_job(poisoned[1]),
+            return_exceptions=True,
+        )
+        good = results[:3] + results[4:7]
+        assert [f"ok{i}" for i in range(6)] == [getattr(r, "job", r).id for r in good]
+        assert [True] * 6 == [await store.get_job(f"ok{i}") is not None for i in range(6)]
+        for new, result in zip(poisoned, (results[3], results[7]), strict=True):
+            stored = await store.get_job(new.id)
+            if isinstance(result, BaseException):
+                assert isinstance(result, exceptions.Unstorable)
+                assert stored is None
+            else:  # a store that can hold the text keeps it as it was given
+                assert stored is not None
+                assert (new.user_id, new.payload) == (stored.user_id, stored.payload)
 
     async def test_queue_limit_refuses_the_job_beyond_it(self, store: Store) -> None:
         """With max_queued jobs waiting, the next insert is Overloaded and creates nothing."""

@@ -3,6 +3,7 @@ send. Each gets a 4xx problem, changes nothing, and leaves no traceback in the l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import sqlite3
@@ -12,8 +13,11 @@ from typing import Any
 import pytest
 import rawhttp
 from aiohttp.test_utils import TestClient
-from conftest import AppFactory, finished, initiate
+from conftest import AppFactory, finished, initiate, wait_for
 
+from longdl import exceptions
+from longdl.engine import Artifact, JobContext
+from longdl.models import Job
 from longdl.web import keys
 
 KEYS = {"api_keys": ["alice:alice-key-0123456789"]}
@@ -208,4 +212,84 @@ async def test_odd_path_parameters_are_404_or_400(
     response = await send(client, "GET", target)
 
     assert 400 <= response.status < 500, response.body
+    assert_no_traceback(caplog)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def on_either_store(request: pytest.FixtureRequest, make_client: AppFactory) -> AppFactory:
+    """``make_client`` on SQLite, or on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return make_client
+    postgres = request.getfixturevalue("postgres")  # started once per session
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        secret = "s" * 32  # replicas must share their secrets
+        url = await postgres.new_database()
+        return await make_client(
+            database_url=url, signing_secret=secret, webhook_secret=secret, **overrides
+        )
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body"),
+    [
+        ("POST", "/v1/download/initiate", {"file_ids": [70000], "userId": "a\x00b"}),
+        ("POST", "/v1/download/initiate", {"file_ids": [70000], "clientRequestId": "k\x00"}),
+        ("GET", "/v1/download/history?userId=a%00b", None),
+    ],
+)
+async def test_text_with_a_nul_character_is_400_on_either_store(
+    on_either_store: AppFactory,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    target: str,
+    body: dict[str, Any] | None,
+) -> None:
+    """A NUL character in a name the client chooses (userId, clientRequestId) is a 400
+    problem naming the field, on SQLite as on PostgreSQL (whose text cannot hold it), and
+    makes no job."""
+    client = await on_either_store()
+    response = await client.request(method, target, json=body)
+
+    assert 400 == response.status
+    problem = await response.json()
+    assert "VALIDATION_ERROR" == problem["code"]
+    assert [("must not contain NUL characters")] == [e["message"] for e in problem["errors"]]
+    store = client.app[keys.STORE]
+    assert 0 == sum((await store.count_by_status()).values())
+    assert_no_traceback(caplog)
+
+
+async def test_a_job_saying_nul_characters_finishes_on_either_store(
+    on_either_store: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's progress and failure text holding NUL characters (PostgreSQL's jsonb
+    cannot store them) is kept with U+FFFD in their place: its progress is written, its
+    final write lands instead of being retried for ever, and a job beside it completes."""
+    go = asyncio.Event()
+
+    async def odd(ctx: JobContext) -> Artifact:
+        ctx.report(percent=50, message="half\x00way")
+        await go.wait()
+        raise exceptions.JobFailed("ODD", "upstream said \x00")
+
+    client = await on_either_store(handlers={"odd": odd})
+    store = client.app[keys.STORE]
+    odd_id = (await client.app[keys.ENGINE].submit("odd", {})).job.id
+
+    async def stored(done: bool) -> Job | None:
+        job = await store.get_job(odd_id)
+        if job is None or job.status.finished != done:
+            return None
+        return job if done or job.progress.percent == 50 else None
+
+    assert "half\ufffdway" == (await wait_for(lambda: stored(False))).progress.message
+    go.set()
+    plain_id = await initiate(client, [70000])
+    await finished(client, plain_id)
+    job = await wait_for(lambda: stored(True))
+    assert ("failed", "upstream said \ufffd") == (job.status.value, job.error["message"])
+    assert "completed" == getattr(await store.get_job(plain_id), "status", None)
     assert_no_traceback(caplog)

@@ -46,6 +46,26 @@ def dump_json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+def dump_text_json(value: Any) -> str | None:
+    """:func:`dump_json` of what a job says to people (its progress, result, error), with
+    any NUL character shown as U+FFFD: PostgreSQL's jsonb cannot hold NUL, and a final
+    write it refuses would be retried for ever. Both stores keep the same text."""
+    text = dump_json(value)
+    if text is None or "\\u0000" not in text:
+        return text
+    return dump_json(_without_nul(value))
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
+
+
 def _loads(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
@@ -109,7 +129,7 @@ def insert_params(new: NewJob, progress: Progress, now: float) -> dict[str, Any]
         "priority": int(new.priority),
         "payload": dump_json(new.payload),
         "max_attempts": new.max_attempts,
-        "progress": dump_json(progress.to_dict()),
+        "progress": dump_text_json(progress.to_dict()),
         "owner": new.owner,
         "client": new.client,
         "user_id": new.user_id,
@@ -607,7 +627,11 @@ class SQLStore(Store):
     ) -> Job | None:
         """:meth:`_held_write` of statement ``name`` on the job ``worker_id`` holds, with
         its progress and the statement's other ``fields``."""
-        params = {"id": job_id, "worker_id": worker_id, "progress": dump_json(progress.to_dict())}
+        params = {
+            "id": job_id,
+            "worker_id": worker_id,
+            "progress": dump_text_json(progress.to_dict()),
+        }
         return await self._held_write(name, {**params, **fields})
 
     async def set_status(
@@ -632,7 +656,7 @@ class SQLStore(Store):
             worker_id,
             progress,
             now=now,
-            result=dump_json(result),
+            result=dump_text_json(result),
             expires_at=now + ttl_s,
         )
 
@@ -651,7 +675,7 @@ class SQLStore(Store):
             worker_id,
             progress,
             now=now,
-            error=dump_json(error),
+            error=dump_text_json(error),
             expires_at=now + ttl_s,
         )
 
@@ -671,7 +695,7 @@ class SQLStore(Store):
             progress,
             now=now,
             run_after=now + delay_s,
-            error=dump_json(error),
+            error=dump_text_json(error),
         )
 
     async def release(self, job_id: str, worker_id: str, progress: Progress) -> Job | None:

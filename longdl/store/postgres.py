@@ -7,7 +7,9 @@ beside it and is slower per statement here).
 - Writes are units (coroutines taking a connection) run by one writer task per replica:
   units queued together share one transaction, a savepoint each (group commit). A unit
   not yet taken when its caller is cancelled never runs; a taken one finishes, since
-  callers never run it themselves.
+  callers never run it themselves. Should a unit run without a savepoint (an insert)
+  fail on a statement, PostgreSQL aborts the whole transaction: the batch then runs
+  again with a savepoint for every unit, so only that unit fails.
 - Claims and sweeps use ``FOR UPDATE SKIP LOCKED``; inserts of all replicas take turns on
   an advisory transaction lock, so the limits and idempotency keys hold exactly. An
   insert is one call of a function (``longdl_insert_job``, migration 2): one round trip
@@ -50,7 +52,7 @@ from longdl.store.base import (
     TrashItem,
     WebhookDelivery,
     WorkerInfo,
-    dump_json,
+    dump_text_json,
     insert_params,
     row_to_delivery,
     row_to_job,
@@ -182,26 +184,15 @@ class _Writer:
                 return
 
     async def _together(self, units: list[_Item]) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        after: list[Callable[[], object]] = []
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                for unit, future, savepoint in units:
-                    try:
-                        if savepoint:
-                            async with conn.transaction():
-                                value = await unit(conn)
-                        else:  # a unit of one statement that cannot half-fail
-                            value = await unit(conn)
-                        if isinstance(value, AfterCommit):
-                            after.append(value.callback)
-                            value = value.value
-                    except _DATABASE_ERRORS:
-                        raise  # the transaction is gone: the whole batch goes
-                    except Exception as exc:
-                        outcomes.append((future, None, exc))
-                    else:
-                        outcomes.append((future, value, None))
+            try:
+                outcomes, after = await _transaction(self._pool, units, careful=False)
+            except _Aborted as aborted:
+                # A unit without a savepoint failed on a statement, and PostgreSQL
+                # aborted the whole transaction, the units before it included. Each runs
+                # again in a savepoint of its own: the failure stays with its unit.
+                log.info("store.batch_redone units=%d error=%r", len(units), aborted.__cause__)
+                outcomes, after = await _transaction(self._pool, units, careful=True)
         except Exception as exc:
             error = exc if isinstance(exc, exceptions.LongdlError) else translate(exc)
             log.warning("store.write_failed units=%d error=%r", len(units), exc)
@@ -221,6 +212,51 @@ class _Writer:
                 future.set_result(value)
             else:
                 future.set_exception(failure)
+
+
+class _Aborted(Exception):
+    """A unit run without a savepoint failed on a statement: the transaction is lost."""
+
+
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+async def _transaction(
+    pool: asyncpg.Pool, units: list[_Item], careful: bool
+) -> tuple[list[_Outcome], list[Callable[[], object]]]:
+    """Run ``units`` in one transaction; their outcomes and the callbacks for after its
+    commit. ``careful`` runs every unit in a savepoint, even those that asked for none.
+
+    Raises:
+        _Aborted: (not careful) a unit without a savepoint failed on a statement.
+    """
+    outcomes: list[_Outcome] = []
+    after: list[Callable[[], object]] = []
+    async with pool.acquire() as conn, conn.transaction():
+        for unit, future, savepoint in units:
+            try:
+                if savepoint or careful:
+                    async with conn.transaction():
+                        value = await unit(conn)
+                else:  # a unit of one statement that cannot half-fail
+                    try:
+                        value = await unit(conn)
+                    except asyncpg.PostgresError as exc:
+                        if isinstance(exc, _DATABASE_ERRORS):
+                            raise
+                        raise _Aborted from exc
+                if isinstance(value, AfterCommit):
+                    after.append(value.callback)
+                    value = value.value
+            except (*_DATABASE_ERRORS, _Aborted):
+                raise  # the transaction is gone: the whole batch goes
+            except asyncpg.DataError as exc:
+                outcomes.append((future, None, exceptions.Unstorable(str(exc))))
+            except Exception as exc:
+                outcomes.append((future, None, exc))
+            else:
+                outcomes.append((future, value, None))
+    return outcomes, after
 
 
 class PostgresStore(base.SQLStore):
@@ -555,7 +591,7 @@ class PostgresStore(base.SQLStore):
                     "id": job_id,
                     "worker_id": worker_id,
                     "now": now,
-                    "progress": dump_json(p.to_dict()),
+                    "progress": dump_text_json(p.to_dict()),
                 }
             )
             for job_id, p in progress.items()
@@ -595,8 +631,8 @@ class PostgresStore(base.SQLStore):
                     params = {
                         "id": job.id,
                         "now": now,
-                        "error": dump_json(error),
-                        "progress": dump_json(progress.to_dict()),
+                        "error": dump_text_json(error),
+                        "progress": dump_text_json(progress.to_dict()),
                         "expires_at": now + ttl_s,
                     }
                     lost = await _fetchrow(conn, "fail_stalled", params)
@@ -604,7 +640,11 @@ class PostgresStore(base.SQLStore):
                         rescued.lost.append(row_to_job(lost))
                 else:
                     progress = base.requeued_progress(job, "Re-queued: its worker stopped")
-                    params = {"id": job.id, "now": now, "progress": dump_json(progress.to_dict())}
+                    params = {
+                        "id": job.id,
+                        "now": now,
+                        "progress": dump_text_json(progress.to_dict()),
+                    }
                     again = await _fetchrow(conn, "requeue_stalled", params)
                     if again is not None:
                         rescued.requeued.append(row_to_job(again))
@@ -645,7 +685,7 @@ class PostgresStore(base.SQLStore):
             {
                 "id": job_id,
                 "now": now,
-                "error": dump_json(error),
+                "error": dump_text_json(error),
                 "message": message,
                 "expires_at": now + ttl_s,
             },

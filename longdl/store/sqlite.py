@@ -50,7 +50,7 @@ from longdl.store.base import (
     TrashItem,
     WebhookDelivery,
     WorkerInfo,
-    dump_json,
+    dump_text_json,
     insert_params,
     row_to_delivery,
     row_to_job,
@@ -699,7 +699,12 @@ class SQLiteStore(base.SQLStore):
     ) -> Heartbeat:
         now = self._clock()
         updates = [
-            {"id": job_id, "worker_id": worker_id, "now": now, "progress": dump_json(p.to_dict())}
+            {
+                "id": job_id,
+                "worker_id": worker_id,
+                "now": now,
+                "progress": dump_text_json(p.to_dict()),
+            }
             for job_id, p in progress.items()
         ]
 
@@ -739,8 +744,8 @@ class SQLiteStore(base.SQLStore):
                     params = {
                         "id": job.id,
                         "now": now,
-                        "error": dump_json(error),
-                        "progress": dump_json(progress.to_dict()),
+                        "error": dump_text_json(error),
+                        "progress": dump_text_json(progress.to_dict()),
                         "expires_at": now + ttl_s,
                     }
                     lost = conn.execute(Q["fail_stalled"], params).fetchone()
@@ -748,7 +753,11 @@ class SQLiteStore(base.SQLStore):
                         rescued.lost.append(row_to_job(lost))
                 else:
                     progress = base.requeued_progress(job, "Re-queued: its worker stopped")
-                    params = {"id": job.id, "now": now, "progress": dump_json(progress.to_dict())}
+                    params = {
+                        "id": job.id,
+                        "now": now,
+                        "progress": dump_text_json(progress.to_dict()),
+                    }
                     again = conn.execute(Q["requeue_stalled"], params).fetchone()
                     if again is not None:
                         rescued.requeued.append(row_to_job(again))
@@ -793,7 +802,7 @@ class SQLiteStore(base.SQLStore):
             {
                 "id": job_id,
                 "now": now,
-                "error": dump_json(error),
+                "error": dump_text_json(error),
                 "message": message,
                 "expires_at": now + ttl_s,
             },

@@ -13,7 +13,7 @@ import pydantic_core
 from aiohttp import hdrs, web
 
 from longdl import exceptions
-from longdl.models import Problem, ProblemFieldError
+from longdl.models import NO_NUL, Problem, ProblemFieldError
 from longdl.web import keys
 
 log = logging.getLogger("longdl.web")
@@ -84,6 +84,8 @@ def _normalized(name: str) -> str:
 def field_message(error: pydantic_core.ErrorDetails) -> str:
     """The message of one validation error, without pydantic's prefixes; a missing field
     sent under another spelling (``fileIds`` for ``file_ids``) says which one to send."""
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NO_NUL:
+        return "must not contain NUL characters"
     message = error["msg"]
     for prefix in _LIBRARY_PREFIXES:
         message = message.removeprefix(prefix)
@@ -139,6 +141,13 @@ def problem_for(exc: Exception) -> HTTPProblem | None:
         }.get(type(exc), "DATABASE_UNAVAILABLE")
         return HTTPProblem(
             503, str(exc), code=code, headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
+        )
+    if isinstance(exc, exceptions.Unstorable):
+        return HTTPProblem(
+            400,
+            "The request holds a value the job database cannot store (a NUL character?)",
+            title="Invalid request",
+            code="VALIDATION_ERROR",
         )
     if isinstance(exc, exceptions.InvalidSignature):
         return HTTPProblem(403, str(exc), code="INVALID_SIGNATURE")
