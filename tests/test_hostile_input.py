@@ -192,29 +192,6 @@ async def test_a_forged_history_cursor_is_400(
     assert_no_traceback(caplog)
 
 
-@pytest.mark.parametrize(
-    "target",
-    [
-        b"/v1/download/status/%FF%FE",
-        b"/v1/download/%C3%A9",
-        b"/v1/download/%C3%A9/events",
-        b"/v1/download/status/" + b"%D9%A0" * 32,  # Arabic-Indic zeros: int() takes them
-        b"/files/downloads/70000.zip%0A",
-        b"/files/%ED%A0%80?expires=1&filename=a&sig=b",
-        b"/v1/download/history?userId=%ED%A0%80&status=%FF",
-        b"/docs/assets/%2E%2E%2Fsecret",
-    ],
-)
-async def test_odd_path_parameters_are_404_or_400(
-    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, target: bytes
-) -> None:
-    """Job ids, object keys and queries of odd bytes are refused as 4xx problems."""
-    response = await send(client, "GET", target)
-
-    assert 400 <= response.status < 500, response.body
-    assert_no_traceback(caplog)
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def on_either_store(request: pytest.FixtureRequest, make_client: AppFactory) -> AppFactory:
     """``make_client`` on SQLite, or on a fresh PostgreSQL database."""
@@ -230,6 +207,36 @@ def on_either_store(request: pytest.FixtureRequest, make_client: AppFactory) -> 
         )
 
     return make
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v1/download/status/%FF%FE",
+        b"/v1/download/%C3%A9",
+        b"/v1/download/%C3%A9/events",
+        b"/v1/download/status/" + b"%D9%A0" * 32,  # Arabic-Indic zeros: int() takes them
+        b"/files/downloads/70000.zip%0A",
+        b"/files/%ED%A0%80?expires=1&filename=a&sig=b",
+        b"/v1/download/history?userId=%ED%A0%80&status=%FF",
+        b"/docs/assets/%2E%2E%2Fsecret",
+        b"/v1/download/status/%00",
+        b"/v1/download/status/" + b"0" * 8 + b"-0000-4000-8000-00000000000%00",
+        b"/v1/download/%00/events",
+        b"/v1/download/%00",
+        b"/v1/download/history?cursor=%00",
+    ],
+)
+async def test_odd_path_parameters_are_404_or_400(
+    on_either_store: AppFactory, caplog: pytest.LogCaptureFixture, target: bytes
+) -> None:
+    """Job ids, object keys and queries of odd bytes (NUL, which PostgreSQL's text cannot
+    hold, too) are refused as 4xx problems on either store."""
+    client = await on_either_store()
+    response = await send(client, "GET", target)
+
+    assert 400 <= response.status < 500, response.body
+    assert_no_traceback(caplog)
 
 
 @pytest.mark.parametrize(
