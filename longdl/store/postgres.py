@@ -32,7 +32,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
@@ -221,11 +221,45 @@ class _Aborted(Exception):
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
+class _Pipelined:
+    """A unit of one statement and what its row becomes. The writer sends the statements
+    of such units queued together in one round trip (asyncpg's ``fetchmany``) instead
+    of one each: a replica's inserts hold the inserts' advisory lock for that long."""
+
+    __slots__ = ("args", "finish", "name")
+
+    def __init__(self, name: str, params: Mapping[str, Any], finish: Callable[[Any], Any]) -> None:
+        self.name = name
+        self.args = S[name].args(params)
+        self.finish = finish
+
+    async def __call__(self, conn: asyncpg.Connection) -> Any:
+        return self.finish(await conn.fetchrow(S[self.name].sql, *self.args))
+
+
+def _runs(units: list[_Item], careful: bool) -> list[list[_Item]]:
+    """``units`` in order, those of one pipelined statement side by side grouped (unless
+    ``careful``: then each runs alone)."""
+    runs: list[list[_Item]] = []
+    for item in units:
+        unit, _, savepoint = item
+        if careful or savepoint or not isinstance(unit, _Pipelined) or not runs:
+            runs.append([item])
+            continue
+        head = runs[-1][0]
+        if isinstance(head[0], _Pipelined) and not head[2] and head[0].name == unit.name:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
 async def _transaction(
     pool: asyncpg.Pool, units: list[_Item], careful: bool
 ) -> tuple[list[_Outcome], list[Callable[[], object]]]:
     """Run ``units`` in one transaction; their outcomes and the callbacks for after its
-    commit. ``careful`` runs every unit in a savepoint, even those that asked for none.
+    commit. ``careful`` runs every unit alone in a savepoint, even those that asked for
+    none.
 
     Raises:
         _Aborted: (not careful) a unit without a savepoint failed on a statement.
@@ -233,29 +267,43 @@ async def _transaction(
     outcomes: list[_Outcome] = []
     after: list[Callable[[], object]] = []
     async with pool.acquire() as conn, conn.transaction():
-        for unit, future, savepoint in units:
-            try:
-                if savepoint or careful:
-                    async with conn.transaction():
-                        value = await unit(conn)
-                else:  # a unit of one statement that cannot half-fail
-                    try:
-                        value = await unit(conn)
-                    except asyncpg.PostgresError as exc:
-                        if isinstance(exc, _DATABASE_ERRORS):
-                            raise
-                        raise _Aborted from exc
-                if isinstance(value, AfterCommit):
-                    after.append(value.callback)
-                    value = value.value
-            except (*_DATABASE_ERRORS, _Aborted):
-                raise  # the transaction is gone: the whole batch goes
-            except asyncpg.DataError as exc:
-                outcomes.append((future, None, exceptions.Unstorable(str(exc))))
-            except Exception as exc:
-                outcomes.append((future, None, exc))
-            else:
-                outcomes.append((future, value, None))
+        for run in _runs(units, careful):
+            rows = None
+            if len(run) > 1:  # one pipelined statement, several times
+                pipelined = [cast(_Pipelined, unit) for unit, _, _ in run]
+                try:
+                    rows = await conn.fetchmany(
+                        S[pipelined[0].name].sql, [unit.args for unit in pipelined]
+                    )
+                except asyncpg.PostgresError as exc:
+                    if isinstance(exc, _DATABASE_ERRORS):
+                        raise
+                    raise _Aborted from exc
+            for index, (unit, future, savepoint) in enumerate(run):
+                try:
+                    if rows is not None:
+                        value = pipelined[index].finish(rows[index])
+                    elif savepoint or careful:
+                        async with conn.transaction():
+                            value = await unit(conn)
+                    else:  # a unit of one statement that cannot half-fail
+                        try:
+                            value = await unit(conn)
+                        except asyncpg.PostgresError as exc:
+                            if isinstance(exc, _DATABASE_ERRORS):
+                                raise
+                            raise _Aborted from exc
+                    if isinstance(value, AfterCommit):
+                        after.append(value.callback)
+                        value = value.value
+                except (*_DATABASE_ERRORS, _Aborted):
+                    raise  # the transaction is gone: the whole batch goes
+                except asyncpg.DataError as exc:
+                    outcomes.append((future, None, exceptions.Unstorable(str(exc))))
+                except Exception as exc:
+                    outcomes.append((future, None, exc))
+                else:
+                    outcomes.append((future, value, None))
     return outcomes, after
 
 
@@ -518,8 +566,7 @@ class PostgresStore(base.SQLStore):
             "lease_until": now + claim.lease_s if claim else None,
         }
 
-        async def unit(conn: asyncpg.Connection) -> Inserted | AfterCommit[Inserted]:
-            row = await _fetchrow(conn, "insert_job", params)
+        def inserted(row: Any) -> Inserted | AfterCommit[Inserted]:
             if row["error_code"] is not None:
                 # The function undid its writes; its failure reads as translate says.
                 raise _by_state(row["error_code"], f"{row['error_code']}: {row['error_message']}")
@@ -537,8 +584,9 @@ class PostgresStore(base.SQLStore):
                 )
             return Inserted(job, False)
 
-        # One statement, whose function undoes its own writes when it fails: no savepoint.
-        return await self._write(unit, savepoint=False)
+        # One statement, whose function undoes its own writes when it fails: no savepoint;
+        # inserts queued together go in one round trip.
+        return await self._write(_Pipelined("insert_job", params, inserted), savepoint=False)
 
     # --- workers and leases ------------------------------------------------------------
 
