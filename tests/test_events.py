@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate
@@ -370,11 +371,24 @@ async def test_unknown_job_is_404_problem(client: TestClient[Any, Any]) -> None:
         assert "JOB_NOT_FOUND" == (await response.json())["code"]
 
 
-async def test_malformed_last_event_id_is_400_problem(make_client: AppFactory) -> None:
-    """A Last-Event-ID this service never sent is refused with a clear problem."""
+@pytest.mark.parametrize(
+    ("header", "query"),
+    [("abc", None), (None, "abc"), ("5", "abc"), ("abc", "5")],
+    ids=["header", "query", "query-beside-a-good-header", "header-beside-a-good-query"],
+)
+async def test_malformed_last_event_id_is_400_problem(
+    make_client: AppFactory, header: str | None, query: str | None
+) -> None:
+    """A Last-Event-ID this service never sent is refused with a clear problem, in the
+    header or the query, even when the other one is good (the header wins, but the
+    request is malformed all the same)."""
     client, steps = await steps_client(make_client)
     job_id = await submit_steps(client)
-    response = await client.get(events_url(job_id), headers={"Last-Event-ID": "abc"})
+    response = await client.get(
+        events_url(job_id),
+        headers={"Last-Event-ID": header} if header is not None else {},
+        params={"lastEventId": query} if query is not None else {},
+    )
     assert (400, "application/problem+json") == (response.status, response.content_type)
     assert "Last-Event-ID" in (await response.json())["detail"]
     steps.finish()

@@ -96,14 +96,16 @@ def last_event_id(request: web.Request) -> int | None:
     # No strip: HTTP already trims header values, and a query value is taken as sent.
     # The URL's query, not request.query, which would grow the request's cache of
     # properties (208 bytes per held stream).
-    raw = request.headers.get("Last-Event-ID") or request.rel_url.query.get("lastEventId") or ""
-    if not raw:
-        return None
-    if not _EVENT_ID.match(raw):
-        raise problems.HTTPProblem(
-            400, "Last-Event-ID must be an event id this stream sent", code="VALIDATION_ERROR"
-        )
-    return int(raw)
+    header = request.headers.get("Last-Event-ID") or ""
+    query = request.rel_url.query.get("lastEventId") or ""
+    # Both are checked, though the header wins: a malformed one is refused either way.
+    for raw in (header, query):
+        if raw and not _EVENT_ID.match(raw):
+            raise problems.HTTPProblem(
+                400, "Last-Event-ID must be an event id this stream sent", code="VALIDATION_ERROR"
+            )
+    raw = header or query
+    return int(raw) if raw else None
 
 
 def frame(event: str, event_id: int, data: bytes) -> bytes:
