@@ -627,7 +627,7 @@ class PostgresStore(base.SQLStore):
             jobs.sort(key=lambda j: (-int(j.priority), j.run_after, j.created_at))
             return jobs
 
-        return await self._write(unit)
+        return await self._write(unit, savepoint=False)
 
     async def heartbeat(
         self, worker_id: str, lease_s: float, progress: Mapping[str, Progress]
@@ -705,11 +705,10 @@ class PostgresStore(base.SQLStore):
     async def _held_write(self, name: str, params: dict[str, Any]) -> Job | None:
         params = {"now": self._clock(), **params}
 
-        async def unit(conn: asyncpg.Connection) -> Job | None:
-            row = await _fetchrow(conn, name, params)
+        def job(row: Any) -> Job | None:
             return row_to_job(row) if row else None
 
-        return await self._write(unit)
+        return await self._write(_Pipelined(name, params, job), savepoint=False)
 
     async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
         params = {"id": job_id, "worker_id": worker_id, "key": key}
