@@ -108,6 +108,11 @@ def validation_problem(exc: pydantic.ValidationError) -> HTTPProblem:
         errors.append(ProblemFieldError(field=location, message=field_message(error)))
     invalid_json = any(e["type"] == "json_invalid" for e in exc.errors())
     detail = "The request body is not valid JSON" if invalid_json else "The request is invalid"
+    return invalid_request(detail, errors)
+
+
+def invalid_request(detail: str, errors: list[ProblemFieldError] | None = None) -> HTTPProblem:
+    """The 400 of a request that breaks the API's rules (``errors``: per field)."""
     return HTTPProblem(400, detail, title="Invalid request", code="VALIDATION_ERROR", errors=errors)
 
 
@@ -143,21 +148,15 @@ def problem_for(exc: Exception) -> HTTPProblem | None:
             503, str(exc), code=code, headers={hdrs.RETRY_AFTER: str(exc.retry_after_s)}
         )
     if isinstance(exc, exceptions.Unstorable):
-        return HTTPProblem(
-            400,
-            "The request holds a value the job database cannot store (a NUL character?)",
-            title="Invalid request",
-            code="VALIDATION_ERROR",
+        return invalid_request(
+            "The request holds a value the job database cannot store (a NUL character?)"
         )
     if isinstance(exc, exceptions.InvalidSignature):
         return HTTPProblem(403, str(exc), code="INVALID_SIGNATURE")
     if isinstance(exc, exceptions.WebhookTargetRefused):
-        return HTTPProblem(
-            400,
+        return invalid_request(
             "The request is invalid",
-            title="Invalid request",
-            code="VALIDATION_ERROR",
-            errors=[ProblemFieldError(field="callbackUrl", message=str(exc))],
+            [ProblemFieldError(field="callbackUrl", message=str(exc))],
         )
     return None
 
