@@ -326,6 +326,20 @@ class StoreContract:
         assert job is not None
         assert JobStatus.RUNNING == job.status
 
+    async def test_writes_queued_together_each_get_their_own_answer(self, store: Store) -> None:
+        """Completions written in one transaction, some refused (the worker does not
+        hold the job), answer each caller for its own job: a refusal is None, and the
+        others get their own job back."""
+        mine = [await self.running(store, "w1") for _ in range(4)]
+        writes = [
+            store.complete(job_id, "w1" if i % 2 else "w2", {"key": job_id}, Progress(), 60)
+            for i, job_id in enumerate(mine)
+        ]
+        results = await asyncio.gather(*writes)
+        assert [None, mine[1], None, mine[3]] == [getattr(r, "id", None) for r in results]
+        statuses = [getattr(await store.get_job(i), "status", None) for i in mine]
+        assert [JobStatus.RUNNING, JobStatus.COMPLETED] * 2 == statuses
+
     async def test_completed_job_cannot_be_canceled(self, store: Store) -> None:
         """Cancel gives None for a finished job and changes nothing."""
         job_id = await self.running(store)

@@ -222,9 +222,10 @@ _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
 class _Pipelined:
-    """A unit of one statement and what its row becomes. The writer sends the statements
-    of such units queued together in one round trip (asyncpg's ``fetchmany``) instead
-    of one each: a replica's inserts hold the inserts' advisory lock for that long."""
+    """A unit of one statement that returns exactly one row, and what its row becomes.
+    The writer sends the statements of such units queued together in one round trip
+    (asyncpg's ``fetchmany``, whose rows come back as one list) instead of one each: a
+    replica's inserts hold the inserts' advisory lock for that long."""
 
     __slots__ = ("args", "finish", "name")
 
@@ -279,6 +280,8 @@ async def _transaction(
                     if isinstance(exc, _DATABASE_ERRORS):
                         raise
                     raise _Aborted from exc
+                if len(rows) != len(run):  # a statement broke the one-row rule
+                    raise _Aborted from AssertionError(f"{len(rows)} rows for {len(run)} units")
             for index, (unit, future, savepoint) in enumerate(run):
                 try:
                     if rows is not None:
@@ -709,10 +712,13 @@ class PostgresStore(base.SQLStore):
     async def _held_write(self, name: str, params: dict[str, Any]) -> Job | None:
         params = {"now": self._clock(), **params}
 
-        def job(row: Any) -> Job | None:
+        async def unit(conn: asyncpg.Connection) -> Job | None:
+            row = await _fetchrow(conn, name, params)
             return row_to_job(row) if row else None
 
-        return await self._write(_Pipelined(name, params, job), savepoint=False)
+        # Not pipelined: a write the worker may no longer hold returns no row, and
+        # fetchmany's rows could not be told apart then.
+        return await self._write(unit, savepoint=False)
 
     async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
         params = {"id": job_id, "worker_id": worker_id, "key": key}
