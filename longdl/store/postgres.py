@@ -31,7 +31,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import asyncpg
@@ -221,6 +221,18 @@ class _Aborted(Exception):
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
+@contextlib.contextmanager
+def _statement_aborts() -> Iterator[None]:
+    """A statement failing here, outside a savepoint, has aborted the transaction: raise
+    :class:`_Aborted` (a failure of the database itself stays what it is)."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, _DATABASE_ERRORS):
+            raise
+        raise _Aborted from exc
+
+
 class _Pipelined:
     """A unit of one statement that returns exactly one row, and what its row becomes.
     The writer sends the statements of such units queued together in one round trip
@@ -272,14 +284,10 @@ async def _transaction(
             rows = None
             if len(run) > 1:  # one pipelined statement, several times
                 pipelined = [cast(_Pipelined, unit) for unit, _, _ in run]
-                try:
+                with _statement_aborts():
                     rows = await conn.fetchmany(
                         S[pipelined[0].name].sql, [unit.args for unit in pipelined]
                     )
-                except asyncpg.PostgresError as exc:
-                    if isinstance(exc, _DATABASE_ERRORS):
-                        raise
-                    raise _Aborted from exc
                 if len(rows) != len(run):  # a statement broke the one-row rule
                     raise _Aborted from AssertionError(f"{len(rows)} rows for {len(run)} units")
             for index, (unit, future, savepoint) in enumerate(run):
@@ -290,12 +298,8 @@ async def _transaction(
                         async with conn.transaction():
                             value = await unit(conn)
                     else:  # a unit of one statement that cannot half-fail
-                        try:
+                        with _statement_aborts():
                             value = await unit(conn)
-                        except asyncpg.PostgresError as exc:
-                            if isinstance(exc, _DATABASE_ERRORS):
-                                raise
-                            raise _Aborted from exc
                     if isinstance(value, AfterCommit):
                         after.append(value.callback)
                         value = value.value
