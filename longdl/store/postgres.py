@@ -105,6 +105,11 @@ def translate(exc: BaseException) -> exceptions.StoreUnavailable:
     return _by_state(getattr(exc, "sqlstate", None), f"{type(exc).__name__}: {exc}")
 
 
+def _unreachable(exc: BaseException) -> exceptions.StoreUnavailable:
+    """The longdl error for a connection to PostgreSQL that could not be made."""
+    return exceptions.StoreUnavailable(f"Cannot reach PostgreSQL: {exc}")
+
+
 def _by_state(sqlstate: str | None, what: str) -> exceptions.StoreUnavailable:
     """The longdl error for a failure with SQLSTATE ``sqlstate`` (None: not a statement's),
     raised by asyncpg or caught inside a store function."""
@@ -375,7 +380,7 @@ class PostgresStore(base.SQLStore):
                 reset=_no_session_state,
             )
         except (OSError, asyncpg.PostgresError) as exc:
-            raise exceptions.StoreUnavailable(f"Cannot reach PostgreSQL: {exc}") from exc
+            raise _unreachable(exc) from exc
         try:
             await self._migrate()
         except BaseException:
@@ -415,13 +420,17 @@ class PostgresStore(base.SQLStore):
             raise RuntimeError("store is not open")
         return self._pool
 
+    async def _connect(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool (LISTEN, migrations)."""
+        return await asyncpg.connect(self.dsn, server_settings=self._server_settings())
+
     async def _migrate(self) -> None:
         # A connection of its own, closed after: the session's advisory lock goes with it
         # whatever happens (pooled connections keep no session state: _no_session_state).
         try:
-            conn = await asyncpg.connect(self.dsn, server_settings=self._server_settings())
+            conn = await self._connect()
         except (OSError, asyncpg.PostgresError) as exc:
-            raise exceptions.StoreUnavailable(f"Cannot reach PostgreSQL: {exc}") from exc
+            raise _unreachable(exc) from exc
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
             await conn.execute(
@@ -528,7 +537,7 @@ class PostgresStore(base.SQLStore):
         while True:
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self.dsn, server_settings=self._server_settings())
+                conn = await self._connect()
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("store.listen_failed retry_in_s=%.1f error=%r", delay_s, exc)
                 await asyncio.sleep(delay_s)
