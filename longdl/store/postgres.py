@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import re
 import time
@@ -258,18 +259,14 @@ class _Pipelined:
 def _runs(units: list[_Item], careful: bool) -> list[list[_Item]]:
     """``units`` in order, those of one pipelined statement side by side grouped (unless
     ``careful``: then each runs alone)."""
-    runs: list[list[_Item]] = []
-    for item in units:
+
+    def run_of(item: _Item) -> object:
         unit, _, savepoint = item
-        if careful or savepoint or not isinstance(unit, _Pipelined) or not runs:
-            runs.append([item])
-            continue
-        head = runs[-1][0]
-        if isinstance(head[0], _Pipelined) and not head[2] and head[0].name == unit.name:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
+        if careful or savepoint or not isinstance(unit, _Pipelined):
+            return id(item)  # alone
+        return unit.name
+
+    return [list(run) for _, run in itertools.groupby(units, run_of)]
 
 
 async def _transaction(
