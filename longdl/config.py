@@ -261,7 +261,8 @@ class Settings(BaseSettings):
     #: Idle read timeout of one S3 request.
     s3_read_timeout_s: float = Field(default=30.0, gt=0)
 
-    #: Jobs run at once; 0: this process only serves the API (other replicas run jobs).
+    #: Job handlers run at once (a job's slot frees when its handler returns, before its
+    #: final write lands); 0: this process only serves the API (other replicas run jobs).
     worker_concurrency: int = Field(default=4, ge=0, le=256)
     #: Attempts per job before it fails for good.
     max_attempts: int = Field(default=3, ge=1, le=20)

@@ -254,6 +254,8 @@ class _Running:
     last_notify: float = 0.0
     stop_reason: StopReason | None = None
     finish_task: asyncio.Task[Job | None] | None = None
+    #: Its slot is free again: its handler returned, only its final write is left.
+    slot_freed: bool = False
     #: A throttled progress change waiting to be announced (trailing edge).
     pending_notify: asyncio.TimerHandle | None = None
 
@@ -747,36 +749,40 @@ class Engine:
                 await self._slots.acquire()
                 free += 1
             try:
-                claimed = await self._claim(free)
+                claimed, next_at = await self._claim(free)
             except Exception as exc:
-                claimed = 0
+                claimed, next_at = 0, time.time() + 1
                 log.warning("claiming jobs failed; retrying in 1 s: %r", exc)
-                await asyncio.sleep(1)
             for _ in range(free - claimed):
                 self._slots.release()
+            if not claimed:
+                await self._idle(next_at)
 
-    async def _claim(self, free: int) -> int:
-        """Claim and start up to ``free`` jobs; when there are none, wait until one is
-        due, we are woken, or IDLE_POLL_S passes. Returns how many started."""
-        self._wakeup.clear()
-        # A read first: a claim is a write, and most wake-ups (a slot freed, a job
-        # submitted and claimed by its own insert) find nothing to take.
+    async def _claim(self, free: int) -> tuple[int, float | None]:
+        """Claim and start up to ``free`` jobs. Returns how many started and, when none
+        did, when the next waiting job is due (None: nothing waits)."""
+        self._wakeup.clear()  # before the read: a job queued after it ends _idle
+        # A read first: a claim is a write, and most wake-ups find nothing to take.
         next_at = await self.store.next_run_after()
         if next_at is not None and next_at <= time.time():
             async with self._lock:
                 if self._stopping:
-                    return 0
+                    return 0, None
                 jobs = await self.store.claim(self.worker_id, self.settings.lease_s, free)
                 for job in jobs:
                     self._start(job)
             if jobs:
-                return len(jobs)
+                return len(jobs), None
             next_at = await self.store.next_run_after()  # taken by another process
+        return 0, next_at
+
+    async def _idle(self, next_at: float | None) -> None:
+        """Wait until a job is due, we are woken, or IDLE_POLL_S passes, holding no slot:
+        a job submitted meanwhile is claimed by its own insert."""
         timeout_s = IDLE_POLL_S if next_at is None else max(0.0, next_at - time.time())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(timeout_s, IDLE_POLL_S)):
                 await self._wakeup.wait()
-        return 0
 
     def _start(self, job: Job) -> None:
         job.progress = Progress(message="Starting", files_total=job.progress.files_total)
@@ -790,7 +796,12 @@ class Engine:
     def _job_done(self, running: _Running) -> None:
         running.cancel_pending_notify()
         self._forget(running)
-        self._slots.release()
+        self._free_slot(running)
+
+    def _free_slot(self, running: _Running) -> None:
+        if not running.slot_freed:
+            running.slot_freed = True
+            self._slots.release()
 
     def _forget(self, running: _Running) -> None:
         """Stop serving this attempt from memory (a retry may already run under the id)."""
@@ -847,6 +858,8 @@ class Engine:
         running.finish_task = task
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
+        # The handler is done: the next job may start while this one's write lands.
+        self._free_slot(running)
         try:
             stored = await asyncio.shield(task)
         except Exception:

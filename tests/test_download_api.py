@@ -49,7 +49,9 @@ async def test_job_row_is_committed_before_the_202(client: TestClient[Any, Any])
 async def test_status_walks_through_every_state_with_monotonic_progress(
     make_client: AppFactory,
 ) -> None:
-    """A bundle job goes queued, running, processing_artifacts, completed; percent never drops."""
+    """A bundle job goes queued, running, processing_artifacts, completed (queued only
+    when it waited: a job that finds a slot free starts in its own insert); percent
+    never drops."""
     client = await make_client(
         download_delay_enabled=True, download_delay_min_ms=300, download_delay_max_ms=300
     )
@@ -68,7 +70,7 @@ async def test_status_walks_through_every_state_with_monotonic_progress(
         JobStatus.PROCESSING_ARTIFACTS,
         JobStatus.COMPLETED,
     ]
-    assert order == list(dict.fromkeys(statuses))
+    assert list(dict.fromkeys(statuses)) in (order, order[1:])
     percents = [percent for _, percent in seen]
     assert percents == sorted(percents)
     assert 100.0 == percents[-1]

@@ -270,6 +270,40 @@ async def test_concurrency_is_bounded_by_worker_concurrency(make_client: AppFact
     assert 2 == gate.peak_running
 
 
+async def noop(ctx: JobContext) -> Artifact:
+    return Artifact(key="sources/none", filename="none", size_bytes=0, owned=False)
+
+
+async def test_a_job_submitted_to_an_idle_engine_starts_in_its_own_insert(
+    make_client: AppFactory,
+) -> None:
+    """An idle dispatcher holds no slot: a job submitted while one is free is claimed by
+    its own insert (one transaction), not queued for the dispatcher to claim."""
+    client = await make_client(handlers={"noop": noop}, worker_concurrency=1)
+    engine = client.app[keys.ENGINE]
+    statuses = []
+    for _ in range(5):
+        inserted = await engine.submit("noop", {})
+        statuses.append(inserted.job.status)
+        assert "completed" == (await finished(client, inserted.job.id))["status"]
+
+    assert [JobStatus.RUNNING] * 5 == statuses
+
+
+async def test_jobs_submitted_back_to_back_find_their_slot_free(make_client: AppFactory) -> None:
+    """A job's slot is free once its handler returns, not once its final write lands:
+    jobs submitted one after another, each faster than the last one's write, still start
+    in their own inserts instead of piling up in the queue."""
+    client = await make_client(handlers={"noop": noop}, worker_concurrency=2)
+    engine = client.app[keys.ENGINE]
+    inserted = [await engine.submit("noop", {}) for _ in range(50)]
+    bodies = [await finished(client, i.job.id) for i in inserted]
+
+    assert ["completed"] * 50 == [body["status"] for body in bodies]
+    started_at_insert = sum(i.job.status is JobStatus.RUNNING for i in inserted)
+    assert started_at_insert >= 45, f"{50 - started_at_insert} of 50 went through the queue"
+
+
 async def test_shutdown_requeues_running_jobs_without_using_an_attempt(
     make_client: AppFactory, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -299,7 +300,13 @@ async def submit_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
-    return inserted.job, inserted.replayed
+    job = inserted.job
+    if not inserted.replayed and job.status is JobStatus.RUNNING:
+        # Claimed by its own insert (a slot was free), it is already running; the answer
+        # to the request that queued it says queued, as the contract has it. The first
+        # poll says running.
+        job = dataclasses.replace(job, status=JobStatus.QUEUED)
+    return job, inserted.replayed
 
 
 async def submit_download(request: web.Request, body: InitiateRequest) -> tuple[Job, bool]:
