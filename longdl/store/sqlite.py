@@ -655,7 +655,7 @@ class SQLiteStore(base.SQLStore):
             if claimed is not None:
                 on_claimed = claimed.on_claimed
                 return AfterCommit(  # the engine starts it once it is committed
-                    Inserted(job, False), lambda: loop.call_soon_threadsafe(on_claimed, job)
+                    Inserted(job, False), lambda: _call_soon(loop, on_claimed, job)
                 )
             return Inserted(job, False)
 
@@ -893,6 +893,19 @@ class SQLiteStore(base.SQLStore):
             return row_to_delivery(row) if row else None
 
         return await self._write(unit)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[Job], None], job: Job) -> None:
+    """Have ``loop`` call ``callback(job)``: from its own thread (the loop writer) without
+    the wake-up the thread writer's call needs, a write to the loop's self-pipe."""
+    try:
+        here = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        here = False
+    if here:
+        loop.call_soon(callback, job)
+    else:
+        loop.call_soon_threadsafe(callback, job)
 
 
 def _new_job(new: NewJob, progress: Progress, now: float, claim: Claim | None) -> Job:
