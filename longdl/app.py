@@ -121,7 +121,7 @@ def create_app(
     app.cleanup_ctx.extend([store_ctx, storage_ctx, engine_ctx])
     app.on_shutdown.append(drain)
     app.cleanup_ctx.append(webhooks.worker_ctx)
-    app.router.add_routes(routes.routes)
+    routes.install(app)
     app.router.add_routes(files.routes)
     events.setup(app)
     app.router.add_routes(ui.routes)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 import uuid
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import AppFactory, finished, initiate, wait_for
+from conftest import AppFactory, finished, initiate, test_settings, wait_for
 
+from longdl.app import create_app
 from longdl.models import Job, JobStatus
 from longdl.seed import demo_content
+from longdl.storage import LocalStorage, Storage
+from longdl.testing import FlakyStorage
 from longdl.web import keys
 
 
@@ -225,6 +231,51 @@ async def test_health_and_root(client: TestClient[Any, Any]) -> None:
     root = await (await client.get("/")).json()
     assert "longdl" == root["name"]
     assert "/docs" == root["links"]["docs"]
+
+
+class GatedStorage(FlakyStorage):
+    """A real local storage whose health check waits for the test to open the gate."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner, failures=0, methods=())
+        self.gate = asyncio.Event()
+
+    async def check(self) -> None:
+        self._maybe_fail("check")  # counts the call
+        await self.gate.wait()
+        await self.inner.check()
+
+
+async def test_health_requests_arriving_together_share_one_round_of_checks(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """Twenty /health requests arriving while a check runs wait for that check and get
+    its answer: one storage check, not twenty. A request after they are answered gets
+    a check of its own."""
+    storage = GatedStorage(LocalStorage(tmp_path / "storage", b"k" * 32))
+    app = create_app(test_settings(tmp_path / "data"), storage=storage)
+    arrived = [0]
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        arrived[0] += request.path == "/health"
+        return await handler(request)  # type: ignore[no-any-return]
+
+    app.middlewares.append(count)
+    client = await aiohttp_client(app)
+    requests = [asyncio.ensure_future(client.get("/health")) for _ in range(20)]
+
+    async def all_waiting() -> bool:
+        return arrived[0] == 20
+
+    await wait_for(all_waiting)
+    storage.gate.set()
+    responses = await asyncio.gather(*requests)
+
+    assert [200] * 20 == [response.status for response in responses]
+    assert 1 == storage.calls["check"]
+    assert "healthy" == (await (await client.get("/health")).json())["status"]
+    assert 2 == storage.calls["check"]
 
 
 async def test_health_is_503_when_storage_is_gone(client: TestClient[Any, Any]) -> None:

@@ -186,6 +186,43 @@ async def _probe(check: object) -> str:
     return "ok"
 
 
+class HealthChecks:
+    """The storage and database checks behind /health, run once for all the requests
+    that arrive while they run: a load balancer (or anyone) asking hard costs one
+    storage request and one database transaction per round of checks, not per request.
+    A request joins the round running when it arrives, else starts one: every answer
+    comes from checks that ended after its request arrived."""
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[dict[str, str]] | None = None
+
+    async def run(self, app: web.Application) -> dict[str, str]:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._check(app))
+            self._running.add_done_callback(self._done)
+        # Shielded: a caller that goes away does not cancel the others' checks.
+        return await asyncio.shield(self._running)
+
+    def _done(self, round_: asyncio.Future[dict[str, str]]) -> None:
+        if self._running is round_:
+            self._running = None
+
+    @staticmethod
+    async def _check(app: web.Application) -> dict[str, str]:
+        storage_state, database_state = await asyncio.gather(
+            _probe(app[keys.STORAGE].check()), _probe(app[keys.STORE].ping())
+        )
+        return {"storage": storage_state, "database": database_state}
+
+
+HEALTH_CHECKS = web.AppKey("health_checks", HealthChecks)
+
+
+def install(app: web.Application) -> None:
+    app[HEALTH_CHECKS] = HealthChecks()
+    app.router.add_routes(routes)
+
+
 @routes.get("/health")
 @doc(
     "Storage and database health",
@@ -197,10 +234,7 @@ async def _probe(check: object) -> str:
     },
 )
 async def health(request: web.Request) -> web.Response:
-    storage_state, database_state = await asyncio.gather(
-        _probe(request.app[keys.STORAGE].check()), _probe(request.app[keys.STORE].ping())
-    )
-    checks = {"storage": storage_state, "database": database_state}
+    checks = await request.app[HEALTH_CHECKS].run(request.app)
     healthy = all(v == "ok" for v in checks.values())
     body = HealthOut(status="healthy" if healthy else "unhealthy", checks=checks)  # type: ignore[arg-type]
     return json_response(body, 200 if healthy else 503, {hdrs.CACHE_CONTROL: "no-store"})
