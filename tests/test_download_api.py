@@ -220,6 +220,35 @@ async def test_check_reports_availability_and_size(client: TestClient[Any, Any])
     assert {"file_id": 99999, "available": False, "s3Key": None, "size": None} == absent
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body"),
+    [
+        ("POST", "/v1/download/initiate", {}, {"file_ids": "70000"}),
+        ("POST", "/v1/download/initiate", {"Idempotency-Key": "k" * 201}, {"file_ids": [7]}),
+        ("GET", f"/v1/download/status/{uuid.uuid4()}?wait=soon", {}, None),
+        ("GET", "/v1/download/history?userId=u&cursor=page-2", {}, None),
+        ("GET", f"/v1/download/{uuid.uuid4()}/events", {"Last-Event-ID": "x"}, None),
+    ],
+)
+async def test_every_invalid_request_is_the_same_kind_of_problem(
+    client: TestClient[Any, Any],
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: dict[str, Any] | None,
+) -> None:
+    """A body, header or query parameter that breaks the API's rules is one kind of
+    problem, whichever rule: 400, title "Invalid request", code VALIDATION_ERROR."""
+    response = await client.request(method, path, headers=headers, json=body)
+
+    problem = await response.json()
+    assert (400, "Invalid request", "VALIDATION_ERROR") == (
+        response.status,
+        problem["title"],
+        problem["code"],
+    ), problem
+
+
 async def test_health_and_root(client: TestClient[Any, Any]) -> None:
     """/health reports both checks ok; / names the service and its links."""
     health = await client.get("/health")

@@ -101,9 +101,7 @@ def last_event_id(request: web.Request) -> int | None:
     # Both are checked, though the header wins: a malformed one is refused either way.
     for raw in (header, query):
         if raw and not _EVENT_ID.match(raw):
-            raise problems.HTTPProblem(
-                400, "Last-Event-ID must be an event id this stream sent", code="VALIDATION_ERROR"
-            )
+            raise problems.invalid_request("Last-Event-ID must be an event id this stream sent")
     raw = header or query
     return int(raw) if raw else None
 

@@ -41,7 +41,7 @@ from longdl.models import (
 )
 from longdl.web import keys, policy, render
 from longdl.web.openapi import JOB_ID, UUID_PATTERN, Param, Resp, doc, problem
-from longdl.web.problems import HTTPProblem, dumps, read_json
+from longdl.web.problems import HTTPProblem, dumps, invalid_request, read_json
 
 if TYPE_CHECKING:
     from longdl.engine import Engine
@@ -310,16 +310,10 @@ async def submit_job(
     await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
     header_key = request.headers.get("Idempotency-Key")
     if header_key is not None and not _printable_ascii(header_key):
-        raise HTTPProblem(
-            400,
-            "Idempotency-Key must be printable ASCII (a UUID, say)",
-            code="VALIDATION_ERROR",
-        )
+        raise invalid_request("Idempotency-Key must be printable ASCII (a UUID, say)")
     idempotency_key = header_key if header_key is not None else client_request_id
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
-        raise HTTPProblem(
-            400, "Idempotency-Key must be 1 to 200 characters", code="VALIDATION_ERROR"
-        )
+        raise invalid_request("Idempotency-Key must be 1 to 200 characters")
     if callable(request_hash):
         request_hash = request_hash() if idempotency_key is not None else ""
     inserted = await request.app[keys.ENGINE].submit(
@@ -513,9 +507,9 @@ def _wait_s(request: web.Request) -> float:
     try:
         wait_s = float(raw)
     except ValueError as exc:
-        raise HTTPProblem(400, "wait must be a number of seconds", code="VALIDATION_ERROR") from exc
+        raise invalid_request("wait must be a number of seconds") from exc
     if not wait_s >= 0:
-        raise HTTPProblem(400, "wait must be a number of seconds", code="VALIDATION_ERROR")
+        raise invalid_request("wait must be a number of seconds")
     return min(wait_s, request.app[keys.SETTINGS].long_poll_max_s)
 
 
@@ -658,7 +652,7 @@ def encode_cursor(job: Job) -> str:
 def decode_cursor(cursor: str) -> tuple[float, str]:
     """The (created_at, id) a cursor points after; 400 for anything else."""
     if not _CURSOR.match(cursor):
-        raise HTTPProblem(400, "cursor is not one this service issued", code="VALIDATION_ERROR")
+        raise invalid_request("cursor is not one this service issued")
     created_at, _, job_id = cursor.partition("_")
     return float(created_at), job_id
 
