@@ -198,7 +198,7 @@ class HealthChecks:
 
     async def run(self, app: web.Application) -> dict[str, str]:
         if self._running is None or self._running.done():
-            self._running = asyncio.ensure_future(self._check(app))
+            self._running = asyncio.create_task(self._check(app), name="longdl health checks")
             self._running.add_done_callback(self._done)
         # Shielded: a caller that goes away does not cancel the others' checks.
         return await asyncio.shield(self._running)
@@ -206,6 +206,12 @@ class HealthChecks:
     def _done(self, round_: asyncio.Future[dict[str, str]]) -> None:
         if self._running is round_:
             self._running = None
+
+    async def close(self, _: web.Application) -> None:
+        """At shutdown, before the store and storage close: let the round running finish
+        (HEALTH_CHECK_TIMEOUT_S at most), so no check is left behind them."""
+        if self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)
 
     @staticmethod
     async def _check(app: web.Application) -> dict[str, str]:
@@ -219,7 +225,8 @@ HEALTH_CHECKS = web.AppKey("health_checks", HealthChecks)
 
 
 def install(app: web.Application) -> None:
-    app[HEALTH_CHECKS] = HealthChecks()
+    app[HEALTH_CHECKS] = checks = HealthChecks()
+    app.on_shutdown.append(checks.close)
     app.router.add_routes(routes)
 
 
