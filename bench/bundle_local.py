@@ -89,14 +89,17 @@ def run() -> dict[str, object]:
                 return count * file_bytes / MB / seconds
 
             def sha256_alone() -> float:
-                """MB/s of hashlib's SHA-256 over the same bytes (the result's sha256)."""
-                digest, chunk = hashlib.sha256(), bytearray(1 << 20)
+                """MB/s of hashlib's SHA-256 over as many bytes held in memory (one
+                source's, over and over: SHA-256 runs as fast on any bytes). The
+                bundler reads and copies on one thread while another hashes, so the
+                hash alone, not read and hash, bounds it."""
+                data = paths[0].read_bytes()
+                view, digest = memoryview(data), hashlib.sha256()
                 started = time.monotonic()
-                for path in paths:
-                    with path.open("rb", buffering=0) as fh:
-                        while count := fh.readinto(chunk):
-                            digest.update(memoryview(chunk)[:count])
-                return len(paths) * file_bytes / MB / (time.monotonic() - started)
+                for _ in paths:
+                    for offset in range(0, len(data), 2 << 20):
+                        digest.update(view[offset : offset + (2 << 20)])
+                return len(paths) * len(data) / MB / (time.monotonic() - started)
 
             bundle(2)  # warm: imports, first connections, the thread pool
             best: dict[int, dict[str, float]] = {}
@@ -129,7 +132,7 @@ def run() -> dict[str, object]:
     rows = [
         Row("P5", label, full["mbps"], "MB/s", full["cat"], "cat of the same files",
             min_ratio=0.7, note=note),
-        Row("-", "SHA-256 alone over the same bytes (the archive's sha256: P5's ceiling)",
+        Row("-", "SHA-256 alone over as many bytes in memory (the archive's sha256: P5's ceiling)",
             sha_mbps, "MB/s", full["cat"], "cat of the same files"),
         Row("P5", "RSS growth while bundling 1 GiB", full["growth"], "MB", max_value=64),
     ]  # fmt: skip
@@ -148,7 +151,7 @@ def run() -> dict[str, object]:
             for count, b in best.items()
         },
         # The contract's sha256 of the bundle is one sequential pass no thread can split:
-        # on its own it bounds the bundle speed, whatever the copy does.
+        # on its own, in memory, it bounds the bundle speed, whatever the copy does.
         "sha256 alone, same bytes": f"{sha_mbps:.0f} MB/s "
         f"= {sha_mbps / full['cat']:.2f}x cat: the ceiling of the P5 ratio",
         "rows": rows,
