@@ -193,19 +193,15 @@ class HealthChecks:
     A request joins the round running when it arrives, else starts one: every answer
     comes from checks that ended after its request arrived."""
 
-    def __init__(self) -> None:
-        self._running: asyncio.Future[dict[str, str]] | None = None
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self._running: asyncio.Task[dict[str, str]] | None = None
 
-    async def run(self, app: web.Application) -> dict[str, str]:
+    async def run(self) -> dict[str, str]:
         if self._running is None or self._running.done():
-            self._running = asyncio.create_task(self._check(app), name="longdl health checks")
-            self._running.add_done_callback(self._done)
+            self._running = asyncio.create_task(self._check(), name="longdl health checks")
         # Shielded: a caller that goes away does not cancel the others' checks.
         return await asyncio.shield(self._running)
-
-    def _done(self, round_: asyncio.Future[dict[str, str]]) -> None:
-        if self._running is round_:
-            self._running = None
 
     async def close(self, _: web.Application) -> None:
         """At shutdown, before the store and storage close: let the round running finish
@@ -213,10 +209,9 @@ class HealthChecks:
         if self._running is not None:
             await asyncio.gather(self._running, return_exceptions=True)
 
-    @staticmethod
-    async def _check(app: web.Application) -> dict[str, str]:
+    async def _check(self) -> dict[str, str]:
         storage_state, database_state = await asyncio.gather(
-            _probe(app[keys.STORAGE].check()), _probe(app[keys.STORE].ping())
+            _probe(self._app[keys.STORAGE].check()), _probe(self._app[keys.STORE].ping())
         )
         return {"storage": storage_state, "database": database_state}
 
@@ -225,7 +220,7 @@ HEALTH_CHECKS = web.AppKey("health_checks", HealthChecks)
 
 
 def install(app: web.Application) -> None:
-    app[HEALTH_CHECKS] = checks = HealthChecks()
+    app[HEALTH_CHECKS] = checks = HealthChecks(app)
     app.on_shutdown.append(checks.close)
     app.router.add_routes(routes)
 
@@ -241,7 +236,7 @@ def install(app: web.Application) -> None:
     },
 )
 async def health(request: web.Request) -> web.Response:
-    checks = await request.app[HEALTH_CHECKS].run(request.app)
+    checks = await request.app[HEALTH_CHECKS].run()
     healthy = all(v == "ok" for v in checks.values())
     body = HealthOut(status="healthy" if healthy else "unhealthy", checks=checks)  # type: ignore[arg-type]
     return json_response(body, 200 if healthy else 503, {hdrs.CACHE_CONTROL: "no-store"})
