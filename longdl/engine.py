@@ -752,7 +752,7 @@ class Engine:
                 claimed, next_at = await self._claim(free)
             except Exception as exc:
                 claimed, next_at = 0, time.time() + 1
-                log.warning("claiming jobs failed; retrying in 1 s: %r", exc)
+                log.warning("claiming jobs failed; retrying within 1 s: %r", exc)
             for _ in range(free - claimed):
                 self._slots.release()
             if not claimed:
