@@ -118,6 +118,24 @@ async def test_a_replica_whose_connections_are_gone_is_dead(
     assert [job_id] == [job.id for job in rescued.requeued]
 
 
+async def test_a_dead_replicas_webhook_deliveries_are_due_at_once(
+    replicas: list[PostgresStore],
+) -> None:
+    """Deliveries a replica had in flight when its process died are due at the next
+    rescue on another replica, not when their leases run out."""
+    gone = replicas[1]
+    await gone.register_worker(WorkerInfo("r1", "host", 1))
+    await replicas[0].register_worker(WorkerInfo("r0", "host", 1))
+    job_id = (await gone.insert_job(new_job(callback_url="https://h.example/"))).job.id
+    await gone.cancel(job_id, ttl_s=60, message="Canceled")
+    (claimed,) = await gone.claim_webhook_deliveries("r1", 10, lease_s=3600)
+    await gone.close()  # the replica's connections end, as when its process dies
+    assert [] == await replicas[0].claim_webhook_deliveries("r0", 10, lease_s=30)
+    await replicas[0].rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="r0")
+    again = await replicas[0].claim_webhook_deliveries("r0", 10, lease_s=30)
+    assert [claimed.id] == [delivery.id for delivery in again]
+
+
 async def test_an_upgraded_database_counts_the_jobs_it_had(database_url: str) -> None:
     """A database made by migration 1 with unfinished jobs in it keeps each caller's
     limit once migration 2 moves the counts to kept deltas."""

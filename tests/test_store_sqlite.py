@@ -173,6 +173,29 @@ async def test_a_dead_workers_jobs_come_back_at_once(tmp_path: Path) -> None:
         await alive.close()
 
 
+async def test_a_dead_workers_webhook_deliveries_are_due_at_once(tmp_path: Path) -> None:
+    """Deliveries a worker had in flight when its process went are due at the next
+    rescue, not when their leases run out."""
+    clock = Clock()
+    path = tmp_path / "longdl.sqlite3"
+    dead = SQLiteStore(path, clock=clock)
+    await dead.open()
+    await dead.register_worker(WorkerInfo("gone", "host", 1))
+    job_id = (await dead.insert_job(new_job(callback_url="https://h.example/"))).job.id
+    await dead.cancel(job_id, ttl_s=60, message="Canceled")
+    (claimed,) = await dead.claim_webhook_deliveries("gone", 10, lease_s=3600)
+    await dead.close()  # the process ends: the kernel drops its lock
+    alive = SQLiteStore(path, clock=clock)
+    await alive.open()
+    try:
+        assert [] == await alive.claim_webhook_deliveries("me", 10, lease_s=30)
+        await alive.rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="me")
+        again = await alive.claim_webhook_deliveries("me", 10, lease_s=30)
+        assert [claimed.id] == [delivery.id for delivery in again]
+    finally:
+        await alive.close()
+
+
 async def test_a_live_workers_jobs_are_left_alone(tmp_path: Path) -> None:
     """Another open store on the same file holds its worker's lock: no rescue."""
     path = tmp_path / "longdl.sqlite3"

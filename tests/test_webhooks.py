@@ -73,9 +73,16 @@ class Receiver:
     script: list[int] = field(default_factory=list)
     default: int = 204
     requests: list[Received] = field(default_factory=list)
+    #: Until it is set, requests wait here unanswered and unrecorded: deliveries in flight.
+    stall: asyncio.Event | None = None
+    stalled: int = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self.stall is not None and not self.stall.is_set():
+            self.stalled += 1
+            await self.stall.wait()
+            return web.Response(status=503)
         status = self.script.pop(0) if self.script else self.default
         self.requests.append(Received(dict(request.headers), body, status))
         return web.Response(status=status)
@@ -686,6 +693,52 @@ async def test_sigkill_after_finish_still_delivers(receiver: Receiver, tmp_path:
         receiver.default = 204
         async with serve(env, log_path):
             got = await acknowledged(receiver, timeout_s=30)
+    event = webhooks.verify(SECRET, got.headers, got.body)
+    assert (job_id, "job.completed", 1) == (
+        event["data"]["jobId"],
+        event["type"],
+        len({r.headers["webhook-id"] for r in receiver.requests}),
+    )
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_delivery_delivers_at_restart_not_a_lease_later(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """A delivery in flight when its service is killed is handed out again as soon as the
+    service is back (its worker's lock is free), not when its lease (twice
+    WEBHOOK_TIMEOUT_S, here 125 s) runs out."""
+    receiver.stall = asyncio.Event()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path / "data"),
+        "HOST": "127.0.0.1",
+        "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+        "WEBHOOK_SECRET": SECRET,
+        "WEBHOOK_TIMEOUT_S": "60",
+    }
+    seeding = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "longdl", "seed", "70000", env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    assert 0 == await seeding.wait()
+    log_path = tmp_path / "serve.log"
+    async with aiohttp.ClientSession() as session:
+        async with serve(env, log_path) as service:
+            async with session.post(
+                f"{service.base}/v1/download/initiate",
+                json={"file_ids": [70000], "callbackUrl": receiver.url},
+            ) as response:
+                job_id = (await response.json())["jobId"]
+
+            async def in_flight() -> bool:
+                return receiver.stalled == 1
+
+            await wait_for(in_flight, timeout_s=30)
+            service.process.send_signal(signal.SIGKILL)
+            assert -signal.SIGKILL == await service.process.wait()
+        receiver.stall.set()
+        async with serve(env, log_path):
+            got = await acknowledged(receiver, timeout_s=15)
     event = webhooks.verify(SECRET, got.headers, got.body)
     assert (job_id, "job.completed", 1) == (
         event["data"]["jobId"],

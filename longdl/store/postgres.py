@@ -683,6 +683,7 @@ class PostgresStore(base.SQLStore):
         async def unit(conn: asyncpg.Connection) -> Rescued:
             for worker_id in dead:
                 await _execute(conn, "drop_leases_of", {"worker_id": worker_id})
+                await _execute(conn, "drop_webhook_leases_of", {"worker_id": worker_id, "now": now})
                 await _execute(conn, "unregister_worker", {"id": worker_id})
             await _execute(conn, "forget_stale_workers", {"before": now - WORKER_ROW_TTL_S})
             rescued = Rescued()

@@ -731,6 +731,7 @@ class SQLiteStore(base.SQLStore):
         def unit(conn: sqlite3.Connection) -> Rescued:
             for worker_id in dead:
                 conn.execute(Q["drop_leases_of"], {"worker_id": worker_id})
+                conn.execute(Q["drop_webhook_leases_of"], {"worker_id": worker_id, "now": now})
                 conn.execute(Q["unregister_worker"], {"id": worker_id})
             conn.execute(Q["forget_stale_workers"], {"before": now - WORKER_ROW_TTL_S})
             rescued = Rescued()

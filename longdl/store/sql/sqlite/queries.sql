@@ -119,6 +119,11 @@ RETURNING id;
 UPDATE jobs SET lease_expires_at = 0
  WHERE worker_id = :worker_id AND status IN ('running', 'processing_artifacts');
 
+-- name: drop_webhook_leases_of
+-- Deliveries a dead worker had in flight are due now, not when their lease runs out.
+UPDATE webhook_deliveries SET next_attempt_at = :now, lease_owner = NULL
+ WHERE status = 'pending' AND lease_owner = :worker_id;
+
 -- name: stalled
 SELECT * FROM jobs
  WHERE status IN ('running', 'processing_artifacts') AND lease_expires_at < :now
