@@ -93,14 +93,21 @@ async def test_kill_9_five_times_loses_nothing(
         assert 202 == status, body
         job_files[body["jobId"]] = files_of(index)
 
-    for _ in range(KILLS):
+    for kill in range(KILLS):
         # Let it run a random while, at least until this start has claimed work.
         async def claimed() -> bool:
             return any(
                 s in ("running", "processing_artifacts") for s, *_ in rows(proc.data_dir).values()
             )
 
-        await wait_for(claimed, 30)
+        try:
+            await wait_for(claimed, 30)
+        except AssertionError as exc:
+            states = Counter(s for s, *_ in rows(proc.data_dir).values())
+            raise AssertionError(
+                f"seed {SEED}: nothing running 30 s before kill {kill + 1}; jobs {dict(states)}; "
+                f"the service's log ends:\n{proc.log()[-4000:]}"
+            ) from exc
         await asyncio.sleep(rand.uniform(0.2, 1.5))  # the random moment of the kill
         proc.kill()
         await proc.start()
