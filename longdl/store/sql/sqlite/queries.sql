@@ -199,13 +199,16 @@ UPDATE jobs
    SET status = 'canceled', error = :error, progress = json_set(progress, '$.message', :message),
        finished_at = :now, expires_at = :expires_at, updated_at = :now,
        lease_expires_at = NULL
- WHERE id = :id AND status IN ('queued', 'running', 'processing_artifacts')
+ WHERE id = :id
+   AND (status = 'queued' OR status = 'running' OR status = 'processing_artifacts')
 RETURNING *;
 
 -- name: expire_due
+-- The status test repeats jobs_due's WHERE clause (migration 5) so the index serves it.
 UPDATE jobs SET status = 'expired', updated_at = :now
  WHERE id IN (SELECT id FROM jobs
-               WHERE status IN ('completed', 'failed', 'canceled') AND expires_at <= :now
+               WHERE (status = 'completed' OR status = 'failed' OR status = 'canceled')
+                 AND expires_at <= :now
                ORDER BY expires_at
                LIMIT :limit)
 RETURNING *;
