@@ -386,7 +386,8 @@ class ChangeHub:
         return job_id in self._events or job_id in self._watches
 
     def notify(self, job: Job) -> None:
-        event = self._events.pop(job.id, None)
+        # Most changes have no waiter: skip the weak dict's pop, which raises inside.
+        event = self._events.pop(job.id, None) if self._events else None
         if event is not None:
             event.set()
         self._wake_watches(job.id)

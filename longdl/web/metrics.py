@@ -27,7 +27,7 @@ from longdl.models import Job, JobStatus
 from longdl.web import keys
 from longdl.web.openapi import Resp, doc, problem
 
-#: Request durations that wait for a scrape at most, per (method, route, status).
+#: Observations that wait for a scrape at most, per histogram and label values.
 OBSERVE_BATCH = 1000
 #: Buckets for jobs: seconds to many minutes.
 JOB_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -80,23 +80,16 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
-        # Request durations not yet in their histogram child, by (method, route, status).
-        self.http_pending: dict[tuple[str, str, int], list[float]] = {}
-        self._http_children: dict[tuple[str, str, int], Any] = {}
+        self.http = Observations(self.http_duration)
+        self._job_durations = Observations(self.job_duration)
+        self._queue_waits = Observations(self.queue_wait)
         # The listener sees every change of a running job; these got their wait observed.
         self._started: set[str] = set()
 
-    def flush_http(self) -> None:
-        """Put the waiting request durations into their histograms."""
-        pending, self.http_pending = self.http_pending, {}
-        for key, durations in pending.items():
-            child = self._http_children.get(key)
-            if child is None:
-                child = self._http_children[key] = self.http_duration.labels(
-                    key[0], key[1], str(key[2])
-                )
-            for seconds in durations:
-                child.observe(seconds)
+    def flush(self) -> None:
+        """Put every waiting observation into its histogram (before a scrape)."""
+        for observations in (self.http, self._job_durations, self._queue_waits):
+            observations.flush()
 
     def on_job_change(self, job: Job) -> None:
         """Engine change listener: observe a job's queue wait and its duration."""
@@ -104,12 +97,41 @@ class Metrics:
             if job.id not in self._started:
                 self._started.add(job.id)
                 wait_s = max(0.0, job.started_at - job.created_at)
-                self.queue_wait.labels(job.kind).observe(wait_s)
+                self._queue_waits.add((job.kind,), wait_s)
         elif job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
             self._started.discard(job.id)
             began = job.started_at or job.created_at
             end = job.finished_at or job.updated_at
-            self.job_duration.labels(job.kind, job.status.value).observe(max(0.0, end - began))
+            self._job_durations.add((job.kind, job.status.value), max(0.0, end - began))
+
+
+class Observations:
+    """Observations of one labelled histogram waiting for the next scrape, or until
+    OBSERVE_BATCH of one label set wait: prometheus_client looks the child up and takes a
+    lock per observation, a list takes an append."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        #: Values not yet in their histogram child, by label values (any type: str()'d).
+        self.pending: dict[tuple[Any, ...], list[float]] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def add(self, labels: tuple[Any, ...], value: float) -> None:
+        waiting = self.pending.get(labels)
+        if waiting is None:
+            waiting = self.pending[labels] = []
+        waiting.append(value)
+        if len(waiting) >= OBSERVE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, values in pending.items():
+            child = self._children.get(labels)
+            if child is None:
+                child = self._children[labels] = self.histogram.labels(*map(str, labels))
+            for value in values:
+                child.observe(value)
 
 
 class WebhookCollector(Collector):
@@ -139,18 +161,17 @@ def observe(request: web.Request, template: str | None, status: int, seconds: fl
     """Time one request to the route ``template`` (None: no route matched); ``status`` is
     the one the client got (problems included).
 
-    The duration waits in a list and reaches its histogram at the next scrape (or when
-    OBSERVE_BATCH of them wait): prometheus_client takes a lock per observation, the list
-    an append.
+    The duration waits in a list and reaches its histogram at the next scrape (see
+    :class:`Observations`, inlined here: every request passes).
     """
-    app_metrics = request.app[METRICS]
+    http = request.app[METRICS].http
     key = (request.method, template or "unmatched", status)
-    waiting = app_metrics.http_pending.get(key)
+    waiting = http.pending.get(key)
     if waiting is None:
-        waiting = app_metrics.http_pending[key] = []
+        waiting = http.pending[key] = []
     waiting.append(seconds)
     if len(waiting) >= OBSERVE_BATCH:
-        app_metrics.flush_http()
+        http.flush()
 
 
 routes = web.RouteTableDef()
@@ -174,7 +195,7 @@ routes = web.RouteTableDef()
 )
 async def metrics(request: web.Request) -> web.Response:
     app_metrics = request.app[METRICS]
-    app_metrics.flush_http()
+    app_metrics.flush()
     counts = await request.app[keys.STORE].count_by_status()
     for status, count in counts.items():
         app_metrics.jobs.labels(status.value).set(count)
