@@ -75,10 +75,8 @@ def locked(store: SQLiteStore) -> Iterator[Callable[[], None]]:
 _SCAN = re.compile(r"^SCAN (\w+)(?: (USING|VIRTUAL TABLE).*)?$")
 
 
-def test_every_statement_uses_an_index(tmp_path: Path) -> None:
-    """EXPLAIN QUERY PLAN of each named statement shows no full scan of a table, unless
-    the statement says why one is fine: no query costs more as the tables grow."""
-    db = tmp_path / "plan.sqlite3"
+def _migrated(db: Path) -> sqlite3.Connection:
+    """A connection to a database the store created and migrated, then closed."""
 
     async def create() -> None:
         created = SQLiteStore(db)
@@ -86,7 +84,13 @@ def test_every_statement_uses_an_index(tmp_path: Path) -> None:
         await created.close()
 
     asyncio.run(create())
-    conn = sqlite3.connect(db)
+    return sqlite3.connect(db)
+
+
+def test_every_statement_uses_an_index(tmp_path: Path) -> None:
+    """EXPLAIN QUERY PLAN of each named statement shows no full scan of a table, unless
+    the statement says why one is fine: no query costs more as the tables grow."""
+    conn = _migrated(tmp_path / "plan.sqlite3")
     scans = []
     for query in queries("sqlite").values():
         params = dict.fromkeys(re.findall(r":(\w+)", query.sql))
@@ -105,15 +109,7 @@ def test_no_write_tests_a_list_of_three_constants(tmp_path: Path) -> None:
     """No trigger, partial index or named statement says ``x IN ('a', 'b', 'c')``:
     SQLite 3.40 builds a temporary b-tree for such a list on every evaluation (~5 us,
     nine times per job before migration 5); ``x = 'a' OR ...`` is tested in place."""
-    db = tmp_path / "in.sqlite3"
-
-    async def create() -> None:
-        created = SQLiteStore(db)
-        await created.open()
-        await created.close()
-
-    asyncio.run(create())
-    conn = sqlite3.connect(db)
+    conn = _migrated(tmp_path / "in.sqlite3")
     schema = conn.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
     texts = [*schema, *((query.name, query.sql) for query in queries("sqlite").values())]
     assert [] == [name for name, sql in texts if _LONG_IN_LIST.search(sql)]

@@ -655,32 +655,49 @@ async def serve(env: dict[str, str], log_path: Path) -> AsyncIterator[Service]:
         await process.wait()
 
 
-@pytest.mark.slow
-async def test_sigkill_after_finish_still_delivers(receiver: Receiver, tmp_path: Path) -> None:
-    """A service killed by SIGKILL right after a job finished delivers once restarted."""
-    receiver.default = 503  # nothing is acknowledged before the kill
+async def seeded_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a ``longdl serve`` posting webhooks to the loopback receiver,
+    with source file 70000 seeded in its DATA_DIR."""
     env = {
         **os.environ,
         "DATA_DIR": str(tmp_path / "data"),
         "HOST": "127.0.0.1",
         "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
         "WEBHOOK_SECRET": SECRET,
-        "WEBHOOK_RETRY_BASE_MS": "50",
-        "WEBHOOK_RETRY_MAX_MS": "200",
-        "WEBHOOK_MAX_ATTEMPTS": "100",
+        **settings,
     }
     seeding = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "longdl", "seed", "70000", env=env, stdout=asyncio.subprocess.DEVNULL
     )
     assert 0 == await seeding.wait()
+    return env
+
+
+async def initiate_with_callback(
+    session: aiohttp.ClientSession, service: Service, receiver: Receiver
+) -> str:
+    """Start a job on ``service`` whose webhook goes to ``receiver``; its id."""
+    async with session.post(
+        f"{service.base}/v1/download/initiate",
+        json={"file_ids": [70000], "callbackUrl": receiver.url},
+    ) as response:
+        return str((await response.json())["jobId"])
+
+
+@pytest.mark.slow
+async def test_sigkill_after_finish_still_delivers(receiver: Receiver, tmp_path: Path) -> None:
+    """A service killed by SIGKILL right after a job finished delivers once restarted."""
+    receiver.default = 503  # nothing is acknowledged before the kill
+    env = await seeded_env(
+        tmp_path,
+        WEBHOOK_RETRY_BASE_MS="50",
+        WEBHOOK_RETRY_MAX_MS="200",
+        WEBHOOK_MAX_ATTEMPTS="100",
+    )
     log_path = tmp_path / "serve.log"
     async with aiohttp.ClientSession() as session:
         async with serve(env, log_path) as service:
-            async with session.post(
-                f"{service.base}/v1/download/initiate",
-                json={"file_ids": [70000], "callbackUrl": receiver.url},
-            ) as response:
-                job_id = (await response.json())["jobId"]
+            job_id = await initiate_with_callback(session, service, receiver)
 
             async def completed() -> bool:
                 url = f"{service.base}/v1/download/status/{job_id}"
@@ -709,26 +726,11 @@ async def test_sigkill_mid_delivery_delivers_at_restart_not_a_lease_later(
     service is back (its worker's lock is free), not when its lease (twice
     WEBHOOK_TIMEOUT_S, here 125 s) runs out."""
     receiver.stall = asyncio.Event()
-    env = {
-        **os.environ,
-        "DATA_DIR": str(tmp_path / "data"),
-        "HOST": "127.0.0.1",
-        "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
-        "WEBHOOK_SECRET": SECRET,
-        "WEBHOOK_TIMEOUT_S": "60",
-    }
-    seeding = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longdl", "seed", "70000", env=env, stdout=asyncio.subprocess.DEVNULL
-    )
-    assert 0 == await seeding.wait()
+    env = await seeded_env(tmp_path, WEBHOOK_TIMEOUT_S="60")
     log_path = tmp_path / "serve.log"
     async with aiohttp.ClientSession() as session:
         async with serve(env, log_path) as service:
-            async with session.post(
-                f"{service.base}/v1/download/initiate",
-                json={"file_ids": [70000], "callbackUrl": receiver.url},
-            ) as response:
-                job_id = (await response.json())["jobId"]
+            job_id = await initiate_with_callback(session, service, receiver)
 
             async def in_flight() -> bool:
                 return receiver.stalled == 1
