@@ -456,6 +456,7 @@ class Engine:
         self._services: list[asyncio.Task[None]] = []
         self._finishing: set[asyncio.Task[Job | None]] = set()
         self._finished: dict[str, Job] = {}
+        self._webhooks_due_listeners: list[Callable[[], None]] = []
         self._sweeps = 0
         self._last_flush = 0.0
         self.started_at = time.time()
@@ -1130,8 +1131,18 @@ class Engine:
             total += count
             if rescued.requeued:
                 self._wakeup.set()
+            if rescued.webhooks_due:
+                log.warning("webhook.deliveries_released count=%d", rescued.webhooks_due)
+                for listener in list(self._webhooks_due_listeners):
+                    listener()
             if count < SWEEP_BATCH:
                 return total
+
+    def on_webhooks_due(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` when a rescue makes webhook deliveries due (a dead worker
+        had them in flight); returns the function that removes it."""
+        self._webhooks_due_listeners.append(listener)
+        return lambda: self._webhooks_due_listeners.remove(listener)
 
     async def sweep(self) -> int:
         """Expire finished jobs past their TTL (row first, then the artifact), in batches

@@ -727,8 +727,11 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[WORKER] = worker
     await worker.start()
     remove_listener = app[keys.ENGINE].hub.add_listener(worker.on_job_change)
+    # Deliveries a dead peer had in flight are due once a rescue finds it: claim them.
+    remove_due_listener = app[keys.ENGINE].on_webhooks_due(worker.wake)
     # A job finished by another replica has a delivery too: claim it without waiting.
     app[keys.STORE].add_change_listener(worker.on_change_elsewhere)
     yield
+    remove_due_listener()
     remove_listener()
     await worker.stop()

@@ -131,7 +131,8 @@ async def test_a_dead_replicas_webhook_deliveries_are_due_at_once(
     (claimed,) = await gone.claim_webhook_deliveries("r1", 10, lease_s=3600)
     await gone.close()  # the replica's connections end, as when its process dies
     assert [] == await replicas[0].claim_webhook_deliveries("r0", 10, lease_s=30)
-    await replicas[0].rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="r0")
+    rescued = await replicas[0].rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="r0")
+    assert 1 == rescued.webhooks_due
     again = await replicas[0].claim_webhook_deliveries("r0", 10, lease_s=30)
     assert [claimed.id] == [delivery.id for delivery in again]
 

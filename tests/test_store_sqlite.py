@@ -207,7 +207,8 @@ async def test_a_dead_workers_webhook_deliveries_are_due_at_once(tmp_path: Path)
     await alive.open()
     try:
         assert [] == await alive.claim_webhook_deliveries("me", 10, lease_s=30)
-        await alive.rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="me")
+        rescued = await alive.rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="me")
+        assert 1 == rescued.webhooks_due
         again = await alive.claim_webhook_deliveries("me", 10, lease_s=30)
         assert [claimed.id] == [delivery.id for delivery in again]
     finally:

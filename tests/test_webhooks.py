@@ -747,3 +747,36 @@ async def test_sigkill_mid_delivery_delivers_at_restart_not_a_lease_later(
         event["type"],
         len({r.headers["webhook-id"] for r in receiver.requests}),
     )
+
+
+@pytest.mark.slow
+async def test_a_peer_killed_mid_delivery_is_taken_over_by_the_survivor(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """Two services share one DATA_DIR. One is killed while its delivery is stalled at the
+    receiver; the survivor, whose webhook worker is asleep until that delivery's lease
+    runs out (125 s here), delivers it once its own rescue finds the dead peer (LEASE_S=3:
+    a rescue a second), not when the lease runs out."""
+    receiver.stall = asyncio.Event()
+    env = await seeded_env(tmp_path, WEBHOOK_TIMEOUT_S="60", LEASE_S="3")
+    async with (
+        aiohttp.ClientSession() as session,
+        serve(env, tmp_path / "doomed.log") as doomed,
+    ):
+        job_id = await initiate_with_callback(session, doomed, receiver)
+
+        async def in_flight() -> bool:
+            return receiver.stalled == 1
+
+        await wait_for(in_flight, timeout_s=30)
+        async with serve(env, tmp_path / "survivor.log"):
+            doomed.process.send_signal(signal.SIGKILL)
+            assert -signal.SIGKILL == await doomed.process.wait()
+            receiver.stall.set()
+            got = await acknowledged(receiver, timeout_s=20)
+    event = webhooks.verify(SECRET, got.headers, got.body)
+    assert (job_id, "job.completed", 1) == (
+        event["data"]["jobId"],
+        event["type"],
+        len({r.headers["webhook-id"] for r in receiver.requests}),
+    )

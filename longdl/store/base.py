@@ -246,6 +246,8 @@ class Rescued:
     requeued: list[Job] = field(default_factory=list)
     #: Failed with WORKER_LOST: they stalled MAX_STALLS times.
     lost: list[Job] = field(default_factory=list)
+    #: Webhook deliveries the dead workers had in flight, due again now.
+    webhooks_due: int = 0
 
 
 @dataclass(frozen=True)

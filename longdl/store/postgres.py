@@ -681,12 +681,14 @@ class PostgresStore(base.SQLStore):
         now = self._clock()
 
         async def unit(conn: asyncpg.Connection) -> Rescued:
+            webhooks_due = 0
             for worker_id in dead:
                 await _execute(conn, "drop_leases_of", {"worker_id": worker_id})
-                await _execute(conn, "drop_webhook_leases_of", {"worker_id": worker_id, "now": now})
+                params = {"worker_id": worker_id, "now": now}
+                webhooks_due += len(await _fetch(conn, "drop_webhook_leases_of", params))
                 await _execute(conn, "unregister_worker", {"id": worker_id})
             await _execute(conn, "forget_stale_workers", {"before": now - WORKER_ROW_TTL_S})
-            rescued = Rescued()
+            rescued = Rescued(webhooks_due=webhooks_due)
             stalled = await _fetch(
                 conn, "stalled", {"now": now, "exclude": exclude_worker, "limit": SWEEP_BATCH}
             )

@@ -729,12 +729,14 @@ class SQLiteStore(base.SQLStore):
         now = self._clock()
 
         def unit(conn: sqlite3.Connection) -> Rescued:
+            webhooks_due = 0
             for worker_id in dead:
                 conn.execute(Q["drop_leases_of"], {"worker_id": worker_id})
-                conn.execute(Q["drop_webhook_leases_of"], {"worker_id": worker_id, "now": now})
+                params = {"worker_id": worker_id, "now": now}
+                webhooks_due += conn.execute(Q["drop_webhook_leases_of"], params).rowcount
                 conn.execute(Q["unregister_worker"], {"id": worker_id})
             conn.execute(Q["forget_stale_workers"], {"before": now - WORKER_ROW_TTL_S})
-            rescued = Rescued()
+            rescued = Rescued(webhooks_due=webhooks_due)
             stalled = conn.execute(
                 Q["stalled"], {"now": now, "exclude": exclude_worker or "", "limit": SWEEP_BATCH}
             ).fetchall()

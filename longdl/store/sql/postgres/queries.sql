@@ -105,7 +105,8 @@ UPDATE jobs SET lease_expires_at = 0
 -- name: drop_webhook_leases_of
 -- Deliveries a dead worker had in flight are due now, not when their lease runs out.
 UPDATE webhook_deliveries SET next_attempt_at = :now, lease_owner = NULL
- WHERE status = 'pending' AND lease_owner = :worker_id;
+ WHERE status = 'pending' AND lease_owner = :worker_id
+RETURNING id;
 
 -- name: stalled
 SELECT * FROM jobs
