@@ -673,6 +673,23 @@ async def seeded_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+async def kill_9(service: Service) -> None:
+    """SIGKILL ``service`` and wait until it is gone."""
+    service.process.send_signal(signal.SIGKILL)
+    assert -signal.SIGKILL == await service.process.wait()
+
+
+def assert_delivered_once(receiver: Receiver, got: Received, job_id: str) -> None:
+    """``got`` is a genuine job.completed event of ``job_id``, and the receiver saw one
+    delivery (one webhook-id), however many attempts it took."""
+    event = webhooks.verify(SECRET, got.headers, got.body)
+    assert (job_id, "job.completed", 1) == (
+        event["data"]["jobId"],
+        event["type"],
+        len({r.headers["webhook-id"] for r in receiver.requests}),
+    )
+
+
 async def initiate_with_callback(
     session: aiohttp.ClientSession, service: Service, receiver: Receiver
 ) -> str:
@@ -705,17 +722,11 @@ async def test_sigkill_after_finish_still_delivers(receiver: Receiver, tmp_path:
                     return bool((await response.json())["status"] == "completed")
 
             await wait_for(completed, timeout_s=30)
-            service.process.send_signal(signal.SIGKILL)
-            assert -signal.SIGKILL == await service.process.wait()
+            await kill_9(service)
         receiver.default = 204
         async with serve(env, log_path):
             got = await acknowledged(receiver, timeout_s=30)
-    event = webhooks.verify(SECRET, got.headers, got.body)
-    assert (job_id, "job.completed", 1) == (
-        event["data"]["jobId"],
-        event["type"],
-        len({r.headers["webhook-id"] for r in receiver.requests}),
-    )
+    assert_delivered_once(receiver, got, job_id)
 
 
 @pytest.mark.slow
@@ -736,17 +747,11 @@ async def test_sigkill_mid_delivery_delivers_at_restart_not_a_lease_later(
                 return receiver.stalled == 1
 
             await wait_for(in_flight, timeout_s=30)
-            service.process.send_signal(signal.SIGKILL)
-            assert -signal.SIGKILL == await service.process.wait()
+            await kill_9(service)
         receiver.stall.set()
         async with serve(env, log_path):
             got = await acknowledged(receiver, timeout_s=15)
-    event = webhooks.verify(SECRET, got.headers, got.body)
-    assert (job_id, "job.completed", 1) == (
-        event["data"]["jobId"],
-        event["type"],
-        len({r.headers["webhook-id"] for r in receiver.requests}),
-    )
+    assert_delivered_once(receiver, got, job_id)
 
 
 @pytest.mark.slow
@@ -770,13 +775,7 @@ async def test_a_peer_killed_mid_delivery_is_taken_over_by_the_survivor(
 
         await wait_for(in_flight, timeout_s=30)
         async with serve(env, tmp_path / "survivor.log"):
-            doomed.process.send_signal(signal.SIGKILL)
-            assert -signal.SIGKILL == await doomed.process.wait()
+            await kill_9(doomed)
             receiver.stall.set()
             got = await acknowledged(receiver, timeout_s=20)
-    event = webhooks.verify(SECRET, got.headers, got.body)
-    assert (job_id, "job.completed", 1) == (
-        event["data"]["jobId"],
-        event["type"],
-        len({r.headers["webhook-id"] for r in receiver.requests}),
-    )
+    assert_delivered_once(receiver, got, job_id)
