@@ -1134,7 +1134,10 @@ class Engine:
             if rescued.webhooks_due:
                 log.warning("webhook.deliveries_released count=%d", rescued.webhooks_due)
                 for listener in list(self._webhooks_due_listeners):
-                    listener()
+                    try:
+                        listener()
+                    except Exception:
+                        log.exception("webhooks-due listener failed")
             if count < SWEEP_BATCH:
                 return total
 
