@@ -37,8 +37,11 @@ def proc(tmp_path: Path) -> Iterator[ServiceProcess]:
             "MAX_STALLS": "10",
             "MAX_ATTEMPTS": "3",
             "DOWNLOAD_DELAY_ENABLED": "true",
-            "DOWNLOAD_DELAY_MIN_MS": "300",
-            "DOWNLOAD_DELAY_MAX_MS": "1500",
+            # Long enough that the work outlasts the five kills and restarts (at most
+            # about 3 s each) even on a fast machine: 5 rounds of 1-3 s, plus what each
+            # kill throws away.
+            "DOWNLOAD_DELAY_MIN_MS": "1000",
+            "DOWNLOAD_DELAY_MAX_MS": "3000",
             "PROGRESS_FLUSH_MS": "200",
             "SHUTDOWN_GRACE_S": "0",
             "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
@@ -81,6 +84,9 @@ async def test_kill_9_five_times_loses_nothing(
     attempts."""
     recorder, hook_url = receiver
     rand = random.Random(SEED)
+    # Submit with no workers, so that no job finishes before the first kill's clock
+    # starts, however slowly the 250 requests go.
+    proc.env["WORKER_CONCURRENCY"] = "0"
     await proc.start()
     job_files: dict[str, list[int]] = {}
     for index in range(JOBS):
@@ -92,6 +98,9 @@ async def test_kill_9_five_times_loses_nothing(
         )
         assert 202 == status, body
         job_files[body["jobId"]] = files_of(index)
+    assert 0 == proc.terminate()
+    proc.env["WORKER_CONCURRENCY"] = str(CONCURRENCY)
+    await proc.start()
 
     for kill in range(KILLS):
         # Let it run a random while, at least until this start has claimed work.
