@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
+from conftest import wait_for
 from store_contract import StoreContract, new_job
 
 from longdl import exceptions
@@ -100,6 +101,88 @@ async def test_a_change_on_one_replica_is_heard_by_the_others(
     await replicas[1].cancel(job_id, ttl_s=60, message="Canceled")
     seen = [await asyncio.wait_for(heard.get(), 5) for _ in range(2)]
     assert [(job_id, "queued"), (job_id, "canceled")] == seen
+
+
+async def _cut_listening(store: PostgresStore, admin: asyncpg.Connection) -> None:
+    """End the backend of ``store``'s LISTEN connection, as a database restart or a
+    network cut would, and wait until it is gone."""
+
+    pid = await admin.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        store.worker_id,
+    )
+    assert pid is not None
+    await _terminate(admin, pid)
+
+
+async def _terminate(admin: asyncpg.Connection, pid: int) -> None:
+    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+
+    async def gone() -> bool:
+        return not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+    await wait_for(gone, 10, interval_s=0.01)
+
+
+async def _status_heard(listener: PostgresStore, writer: PostgresStore, timeout_s: float) -> str:
+    """The status ``listener`` hears of a job ``writer`` inserts, inserting another every
+    half second until it hears one, for at most ``timeout_s`` (it may be reconnecting)."""
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    listener.add_change_listener(lambda job_id, status: heard.put_nowait((job_id, status)))
+    async with asyncio.timeout(timeout_s):
+        while True:
+            job_id = (await writer.insert_job(new_job())).job.id
+            try:
+                async with asyncio.timeout(0.5):
+                    while True:
+                        change = await heard.get()
+                        if change[0] == job_id:
+                            return change[1]
+            except TimeoutError:
+                continue
+
+
+async def test_a_cut_listening_connection_is_made_again(
+    replicas: list[PostgresStore], database_url: str
+) -> None:
+    """When the LISTEN connection's backend ends, the replica connects again and hears
+    other replicas' changes."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        await _cut_listening(replicas[2], admin)
+        assert "queued" == await _status_heard(replicas[2], replicas[0], 10)
+    finally:
+        await admin.close()
+
+
+async def test_a_listening_connection_cut_before_it_listens_is_made_again(
+    replicas: list[PostgresStore], database_url: str
+) -> None:
+    """The connection made to listen again dies before its LISTEN (the database still
+    restarting, say): the replica tries again rather than stop listening for good."""
+    store = replicas[2]
+    admin = await asyncpg.connect(database_url)
+    connect = store._connect
+    cut_next = [True]
+
+    async def connect_then_cut() -> asyncpg.Connection:
+        conn = await connect()
+        if cut_next:
+            cut_next.clear()
+            other = await asyncpg.connect(database_url)  # admin may be busy meanwhile
+            try:
+                await _terminate(other, conn.get_server_pid())
+            finally:
+                await other.close()
+        return conn
+
+    store._connect = connect_then_cut  # type: ignore[method-assign]
+    try:
+        await _cut_listening(store, admin)
+        assert "queued" == await _status_heard(store, replicas[0], 10)
+        assert not cut_next  # the cut connection was made (and failed to listen)
+    finally:
+        await admin.close()
 
 
 async def test_a_replica_whose_connections_are_gone_is_dead(

@@ -137,6 +137,8 @@ _DATABASE_ERRORS = (
     OSError,
     TimeoutError,
 )
+#: What may end a LISTEN connection, or stop one being made: the replica tries again.
+_LISTEN_ERRORS = (*_DATABASE_ERRORS, asyncpg.PostgresError)
 
 
 #: A unit, its caller's future, and whether it runs in a savepoint.
@@ -528,26 +530,36 @@ class PostgresStore(base.SQLStore):
                 log.exception("change listener failed")
 
     async def _listen(self, listening: asyncio.Event) -> None:
-        """Hold a LISTEN connection, reconnecting with backoff when it drops."""
+        """Hold a LISTEN connection, reconnecting with backoff when it drops (also when
+        it drops between connecting and listening, as it may while the database
+        restarts)."""
         delay_s = 0.1
         first = True
         while True:
             lost = asyncio.Event()
+            conn: asyncpg.Connection | None = None
             try:
                 conn = await self._connect()
-            except (OSError, asyncpg.PostgresError) as exc:
+                conn.add_termination_listener(functools.partial(_set_event, lost))
+                await conn.add_listener(CHANNEL, self._notified)
+            except _LISTEN_ERRORS as exc:
                 log.warning("store.listen_failed retry_in_s=%.1f error=%r", delay_s, exc)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
                 continue
             try:
-                conn.add_termination_listener(functools.partial(_set_event, lost))
-                await conn.add_listener(CHANNEL, self._notified)
                 listening.set()
                 delay_s = 0.1
                 if not first:
+                    log.info("store.listening_again")
                     for callback in list(self._reconnected):
-                        callback()
+                        try:
+                            callback()
+                        except Exception:
+                            log.exception("reconnect listener failed")
                 first = False
                 await lost.wait()
                 log.warning("store.listen_lost")
