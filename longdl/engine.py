@@ -381,6 +381,11 @@ class ChangeHub:
             event.set()
         self._wake_watches(job_id)
 
+    @property
+    def watching(self) -> int:
+        """Watches waiting for a change: the long-polls and event streams held here."""
+        return sum(len(watches) for watches in self._watches.values())
+
     def is_watched(self, job_id: str) -> bool:
         """Whether someone is waiting for this job's next change right now."""
         return job_id in self._events or job_id in self._watches

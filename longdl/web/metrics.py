@@ -2,6 +2,8 @@
 
 - ``longdl_jobs{status}``: jobs in the store by status (read at scrape time);
 - ``longdl_queue_depth``: queued jobs; ``longdl_jobs_running``: attempts running now;
+- ``longdl_waiting_requests``: long-polls and event streams held here, waiting for a
+  change (read at scrape time);
 - ``longdl_job_duration_seconds{kind,status}``: first start to final status;
 - ``longdl_job_queue_wait_seconds{kind}``: creation to first start;
 - ``longdl_http_request_duration_seconds{method,route,status}``: by route template, so
@@ -47,6 +49,11 @@ class Metrics:
         )
         self.running = Gauge(
             "longdl_jobs_running", "Job attempts running now", registry=self.registry
+        )
+        self.waiting = Gauge(
+            "longdl_waiting_requests",
+            "Long-polls and event streams held by this replica, waiting for a job change",
+            registry=self.registry,
         )
         self.job_duration = Histogram(
             "longdl_job_duration_seconds",
@@ -201,6 +208,7 @@ async def metrics(request: web.Request) -> web.Response:
         app_metrics.jobs.labels(status.value).set(count)
     app_metrics.queue_depth.set(counts[JobStatus.QUEUED])
     app_metrics.running.set(request.app[keys.ENGINE].running_count)
+    app_metrics.waiting.set(request.app[keys.ENGINE].hub.watching)
     store = request.app[keys.STORE]
     app_metrics.replica.labels(request.app[keys.WORKER_ID], store.name).set(1)
     pool_stats = getattr(store, "pool_stats", None)
