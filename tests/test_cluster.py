@@ -394,10 +394,11 @@ async def test_a_database_crash_and_restart_loses_nothing(
     make_cluster: Any, receiver: tuple[Receiver, str]
 ) -> None:
     """PostgreSQL crashes (an immediate stop) while three replicas run jobs, and comes
-    back. Meanwhile every replica stays up and answers 503 problem+json (initiates, reads
-    of the database, /health), never 500. After: every job completes once with one
-    webhook-id, new jobs are taken, and each replica listens again: an event stream held
-    on one replica hears the completion of a job another replica ran."""
+    back. Meanwhile every replica stays up, answers 503 problem+json (initiates, reads of
+    the database, /health), never 500, and logs warnings, not errors. After: every job
+    completes once with one webhook-id, new jobs are taken, and each replica listens
+    again: an event stream held on one replica hears the completion of a job another
+    replica ran."""
     recorder, hook_url = receiver
     cluster = make_cluster(
         LEASE_S="6",
@@ -443,6 +444,14 @@ async def test_a_database_crash_and_restart_loses_nothing(
                 async with session.get(f"http://127.0.0.1:{port}/health") as response:
                     assert 503 == response.status
                     assert "error" == (await response.json())["checks"]["database"]
+
+            async def maintenance_met_the_outage() -> bool:
+                return all(
+                    "maintenance failed" in cluster.log_path(index).read_text()
+                    for index in range(len(cluster.replica_ports))
+                )
+
+            await wait_for(maintenance_met_the_outage, 10, interval_s=0.1)
         finally:
             await asyncio.to_thread(postgres.ensure_postgres_running)
         assert all(process is not None and process.poll() is None for process in cluster.processes)
@@ -492,3 +501,9 @@ async def test_a_database_crash_and_restart_loses_nothing(
     assert {1} == {len(ids) for ids in ids_per_job.values()}
     counts = completions(cluster)
     assert {1} == {counts[job_id] for job_id in job_ids}
+    # An outage is logged as warnings, a line each, not as errors with tracebacks.
+    for index in range(len(cluster.replica_ports)):
+        errors = [
+            line for line in cluster.log_path(index).read_text().splitlines() if " ERROR " in line
+        ]
+        assert [] == errors, index
