@@ -124,6 +124,20 @@ def completions(cluster: Any) -> Counter[str]:
     return Counter(re.findall(r"job\.completed job_id=(\S+)", logs))
 
 
+async def delivered_once(recorder: Receiver, job_ids: list[str], context: str = "") -> None:
+    """Wait until every job's webhook arrived; each job's deliveries carry one webhook-id."""
+
+    async def delivered() -> bool:
+        return {job for _, job in recorder.deliveries} >= set(job_ids)
+
+    await wait_for(delivered, 60, interval_s=0.1)
+    ids_per_job: dict[str, set[str]] = defaultdict(set)
+    for webhook_id, job_id in recorder.deliveries:
+        ids_per_job[job_id].add(webhook_id)
+    assert set(job_ids) == set(ids_per_job), context
+    assert {1} == {len(ids) for ids in ids_per_job.values()}, context
+
+
 async def many_jobs_complete_once(
     cluster: Any, receiver: tuple[Receiver, str], list_bundles: Any
 ) -> None:
@@ -135,19 +149,10 @@ async def many_jobs_complete_once(
         job_ids = [body["jobId"] for body in accepted]
         done = await wait_all_finished(session, cluster, job_ids)
 
-    async def delivered() -> bool:
-        return {job for _, job in recorder.deliveries} >= set(job_ids)
-
-    await wait_for(delivered, 60, interval_s=0.1)
-    ids_per_job: dict[str, set[str]] = defaultdict(set)
-    for webhook_id, job_id in recorder.deliveries:
-        ids_per_job[job_id].add(webhook_id)
-
+    await delivered_once(recorder, job_ids)
     assert {"completed": 300} == dict(Counter(body["status"] for body in done.values()))
     assert {job_id: 1 for job_id in job_ids} == dict(completions(cluster))
     assert sorted(f"{job_id}.zip" for job_id in job_ids) == sorted(await list_bundles())
-    assert {1} == {len(ids) for ids in ids_per_job.values()}
-    assert set(job_ids) == set(ids_per_job)
 
 
 async def test_300_jobs_on_three_replicas_sharing_a_folder_complete_once(
@@ -358,17 +363,10 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
                     cluster.wait_healthy, f"http://127.0.0.1:{cluster.replica_ports[index]}"
                 )
             done = await wait_all_finished(session, cluster, job_ids, timeout_s=180)
-
-        async def all_delivered() -> bool:
-            return {job for _, job in recorder.deliveries} >= set(job_ids)
-
-        await wait_for(all_delivered, 60, interval_s=0.1)
+        await delivered_once(recorder, job_ids, f"seed {seed}")
         rows = await conn.fetch("SELECT id, attempts, max_attempts, stalls FROM jobs")
     finally:
         await conn.close()
-    ids_per_job: dict[str, set[str]] = defaultdict(set)
-    for webhook_id, job_id in recorder.deliveries:
-        ids_per_job[job_id].add(webhook_id)
     bundles = cluster.storage_dir / "bundles"
     context = f"seed {seed}"
     assert {"completed": 240} == dict(Counter(body["status"] for body in done.values())), context
@@ -381,8 +379,6 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
     assert [] == sorted(cluster.storage_dir.rglob(".*.part")), context
     assert all(row["attempts"] <= row["max_attempts"] for row in rows), context
     assert any(row["stalls"] for row in rows), f"{context}: no kill cut a running job"
-    assert set(job_ids) == set(ids_per_job), context
-    assert {1} == {len(ids) for ids in ids_per_job.values()}, context
     sizes = [(cluster.storage_dir / source_key(f)).stat().st_size for f in files]
     for job_id in rand.sample(job_ids, 20):
         with zipfile.ZipFile(bundles / f"{job_id}.zip") as archive:
@@ -491,14 +487,7 @@ async def test_a_database_crash_and_restart_loses_nothing(
                 heard_from_another.add(held)
         assert set(range(len(cluster.replica_ports))) == heard_from_another
 
-    async def all_delivered() -> bool:
-        return {job for _, job in recorder.deliveries} >= set(job_ids)
-
-    await wait_for(all_delivered, 60, interval_s=0.1)
-    ids_per_job: dict[str, set[str]] = defaultdict(set)
-    for webhook_id, job_id in recorder.deliveries:
-        ids_per_job[job_id].add(webhook_id)
-    assert {1} == {len(ids) for ids in ids_per_job.values()}
+    await delivered_once(recorder, job_ids)
     counts = completions(cluster)
     assert {1} == {counts[job_id] for job_id in job_ids}
     # An outage is logged as warnings, a line each, not as errors with tracebacks.
