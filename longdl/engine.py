@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from longdl import exceptions, ids, retry
+from longdl.callbacks import call_each
 from longdl.config import Settings
 from longdl.models import Job, JobStatus, Priority, Progress
 from longdl.storage import (
@@ -396,11 +397,7 @@ class ChangeHub:
         if event is not None:
             event.set()
         self._wake_watches(job.id)
-        for listener in list(self._listeners):
-            try:
-                listener(job)
-            except Exception:
-                log.exception("change listener failed")
+        call_each(self._listeners, job, log=log, what="change listener")
 
     def add_listener(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` with a snapshot on every change; returns the remover."""
@@ -1138,11 +1135,7 @@ class Engine:
                 self._wakeup.set()
             if rescued.webhooks_due:
                 log.warning("webhook.deliveries_released count=%d", rescued.webhooks_due)
-                for listener in list(self._webhooks_due_listeners):
-                    try:
-                        listener()
-                    except Exception:
-                        log.exception("webhooks-due listener failed")
+                call_each(self._webhooks_due_listeners, log=log, what="webhooks-due listener")
             if count < SWEEP_BATCH:
                 return total
 

@@ -505,3 +505,24 @@ async def test_drain_wakes_every_watch() -> None:
     waits = [w.wait(3600) for w in watches]
     hub.wake_all()
     assert [True, True, True] == await asyncio.wait_for(asyncio.gather(*waits), 5)
+
+
+async def test_a_change_listener_that_raises_is_logged_and_the_others_still_hear(
+    make_client: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken change listener costs only itself: the job completes, a listener after
+    it hears every change, and the failure is logged with its traceback."""
+    client = await make_client()
+    hub = client.app[keys.ENGINE].hub
+
+    def broken(job: Job) -> None:
+        raise RuntimeError("listener bug")
+
+    heard: list[JobStatus] = []
+    hub.add_listener(broken)
+    hub.add_listener(lambda job: heard.append(job.status))
+    body = await finished(client, await initiate(client, [70000]))
+    assert "completed" == body["status"]
+    assert JobStatus.COMPLETED in heard
+    failures = [r for r in caplog.records if r.getMessage() == "change listener failed"]
+    assert failures and all(r.exc_info is not None for r in failures)

@@ -38,6 +38,7 @@ from typing import Any, TypeVar, cast
 import asyncpg
 
 from longdl import exceptions
+from longdl.callbacks import call_each
 from longdl.models import Job, JobStatus, Progress
 from longdl.store import base
 from longdl.store.base import (
@@ -208,11 +209,7 @@ class _Writer:
                 if not future.done():
                     future.set_exception(error)
             return
-        for callback in after:
-            try:
-                callback()
-            except Exception:
-                log.exception("after-commit callback failed")
+        call_each(after, log=log, what="after-commit callback")
         for future, value, failure in outcomes:
             if future.done():
                 continue  # its caller was cancelled meanwhile: the unit still ran whole
@@ -523,11 +520,7 @@ class PostgresStore(base.SQLStore):
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         job_id, _, status = payload.partition(" ")
-        for listener in list(self._listeners):
-            try:
-                listener(job_id, status)
-            except Exception:
-                log.exception("change listener failed")
+        call_each(self._listeners, job_id, status, log=log, what="change listener")
 
     async def _listen(self, listening: asyncio.Event) -> None:
         """Hold a LISTEN connection, reconnecting with backoff when it drops (also when
@@ -555,11 +548,7 @@ class PostgresStore(base.SQLStore):
                 delay_s = 0.1
                 if not first:
                     log.info("store.listening_again")
-                    for callback in list(self._reconnected):
-                        try:
-                            callback()
-                        except Exception:
-                            log.exception("reconnect listener failed")
+                    call_each(self._reconnected, log=log, what="reconnect listener")
                 first = False
                 await lost.wait()
                 log.warning("store.listen_lost")
