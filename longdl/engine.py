@@ -33,7 +33,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from longdl import exceptions, ids, retry
 from longdl.callbacks import call_each
@@ -65,7 +65,8 @@ CLAIM_BATCH = 32
 SWEEP_BATCH = 500
 #: Partial uploads are looked for at start-up and every this many sweeps.
 ORPHAN_SCAN_EVERY = 10
-#: Longest wait between two tries of a final status write (or any maintenance step).
+#: Longest wait between two tries of a final status write, a running job's write while
+#: the database is away, or any maintenance step.
 MAX_RETRY_DELAY_S = 5.0
 #: Finished jobs kept in memory at most (each until its TTL runs out).
 FINISHED_CACHE_SIZE = 10_000
@@ -73,6 +74,8 @@ FINISHED_CACHE_SIZE = 10_000
 RELEASED = "Re-queued: the service restarted"
 #: A sweep deleting trash items has them for this long before another may try.
 TRASH_LEASE_S = 60.0
+
+T = TypeVar("T")
 
 StopReason = Literal["cancel", "shutdown", "lost"]
 
@@ -182,8 +185,9 @@ class JobContext:
     async def set_status(self, status: Literal[JobStatus.PROCESSING_ARTIFACTS]) -> None:
         """Enter the artifact phase (persisted at once)."""
         job = self._running.job
-        stored = await self._engine.store.set_status(
-            job.id, self._engine.worker_id, status, job.progress
+        engine = self._engine
+        stored = await engine.write_while_running(
+            job.id, lambda: engine.store.set_status(job.id, engine.worker_id, status, job.progress)
         )
         if stored is None:
             raise exceptions.JobFailed("LOST", "The job was taken over or canceled")
@@ -232,7 +236,10 @@ class _JobStorage(Storage):
 
     async def _note(self, key: str) -> None:
         """Record ``key`` as the job's output before anything is written to it."""
-        await self._engine.store.add_output(self._running.job.id, self._engine.worker_id, key)
+        engine, job_id = self._engine, self._running.job.id
+        await engine.write_while_running(
+            job_id, lambda: engine.store.add_output(job_id, engine.worker_id, key)
+        )
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
@@ -894,6 +901,30 @@ class Engine:
                     job_id,
                     delay_s,
                     exc,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+
+    async def write_while_running(self, job_id: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Make a write a running job needs on its way (entering the artifact phase,
+        noting an output before writing it), waiting in place while the database is away:
+        PostgreSQL restarting, another process holding SQLite's write lock. Both writes
+        are idempotent, so the job goes on where it was once the database is back,
+        instead of throwing its work away and using an attempt. The wait counts against
+        JOB_TIMEOUT_S, and a cancel or a stop ends it as it ends the job.
+
+        A full disk is not waited out: the attempt fails with DISK_FULL and retries
+        later with backoff, its slot free meanwhile.
+        """
+        delay_s = 0.05
+        while True:
+            try:
+                return await write()
+            except exceptions.StoreFull:
+                raise
+            except exceptions.StoreUnavailable as exc:
+                log.warning(
+                    "job.write_waiting job_id=%s retry_in_s=%.2f error=%s", job_id, delay_s, exc
                 )
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)

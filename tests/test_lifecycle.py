@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,40 @@ class Writer:
         return Artifact(key=info.key, filename="done.txt", size_bytes=info.size_bytes)
 
 
+class WriteAfterGate:
+    """A job kind that waits for the test, then makes a write a running job makes on its
+    way: entering the artifact phase (``status``) or noting the bundle it is about to
+    write (``output``; the status write notes its bundle after)."""
+
+    def __init__(self, write: str) -> None:
+        self.write = write
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+        self.runs = 0
+
+    async def handler(self, ctx: JobContext) -> Artifact:
+        self.runs += 1
+        self.started.set()
+        await self.go.wait()
+        if self.write == "status":
+            await ctx.set_status(JobStatus.PROCESSING_ARTIFACTS)
+        info = await ctx.storage.write_bytes(f"bundles/{ctx.job_id}.txt", b"done")
+        return Artifact(key=info.key, filename="done.txt", size_bytes=info.size_bytes)
+
+
+def write_failed(caplog: pytest.LogCaptureFixture) -> Callable[[], Awaitable[bool]]:
+    """A probe: has a running job's write met the unavailable database (the job waits,
+    or the attempt failed and the write queueing its retry waits)?"""
+
+    async def probe() -> bool:
+        return any(
+            "job.write_waiting" in r.getMessage() or "job.final_write_failed" in r.getMessage()
+            for r in caplog.records
+        )
+
+    return probe
+
+
 async def submit(client: Any, kind: str) -> str:
     return str((await client.app[keys.ENGINE].submit(kind, {})).job.id)
 
@@ -112,6 +146,51 @@ async def test_a_final_write_that_fails_is_retried_until_it_lands(
 
     await wait_for(landed)
     assert "completed" == (await finished(client, job_id))["status"]
+
+
+@pytest.mark.parametrize("write", ["status", "output"])
+async def test_a_running_job_waits_out_a_locked_database_instead_of_retrying(
+    make_client: AppFactory, caplog: pytest.LogCaptureFixture, write: str
+) -> None:
+    """Another process holds the write lock just as a running job enters its artifact
+    phase or notes its bundle: the job waits where it is and completes once the lock
+    goes, on its first attempt, instead of failing the attempt and starting over."""
+    caplog.set_level(logging.WARNING, logger="longdl.engine")
+    job = WriteAfterGate(write)
+    client = await make_client(handlers={"w": job.handler}, db_busy_timeout_ms=100)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+
+    with HeldLock(client.app[keys.SETTINGS].database_path):
+        job.go.set()
+        await wait_for(write_failed(caplog))
+        assert "running" == await status_of(client, job_id)
+
+    body = await finished(client, job_id)
+    assert ("completed", 1, 1) == (body["status"], body["attempts"], job.runs), body
+
+
+async def test_a_running_job_waits_for_the_database_no_longer_than_its_time_limit(
+    make_client: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job waiting for a locked database still ends at JOB_TIMEOUT_S, failed with
+    TIMEOUT once the lock goes, rather than waiting forever."""
+    caplog.set_level(logging.WARNING, logger="longdl.engine")
+    job = WriteAfterGate("output")
+    client = await make_client(handlers={"w": job.handler}, db_busy_timeout_ms=100, job_timeout_s=1)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+
+    with HeldLock(client.app[keys.SETTINGS].database_path):
+        job.go.set()
+
+        async def timed_out() -> bool:
+            return any("job.failed" in r.getMessage() for r in caplog.records)
+
+        await wait_for(timed_out)
+
+    body = await finished(client, job_id)
+    assert ("failed", "TIMEOUT", 1) == (body["status"], body["error"]["code"], job.runs), body
 
 
 class LateCancel:

@@ -4,13 +4,18 @@ worker id and listener, sharing the database and a storage folder."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate, wait_for
+from pgserver import PostgresServer
+from test_lifecycle import WriteAfterGate, submit, write_failed
 
 from longdl.engine import Artifact, JobContext
 from longdl.storage import LocalStorage
@@ -113,6 +118,48 @@ async def test_a_cancel_on_one_replica_stops_the_job_on_another(
     assert time.monotonic() - canceled_at < 1
     assert ["cancel"] == gate.stopped
     assert "canceled" == (await finished(a, job_id))["status"]
+
+
+@pytest.mark.parametrize("write", ["status", "output"])
+async def test_a_running_job_waits_out_a_database_outage_instead_of_retrying(
+    make_client: AppFactory,
+    database_url: str,
+    postgres: PostgresServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    write: str,
+) -> None:
+    """The database goes away (its connections cut, new ones refused) just as a running
+    job enters its artifact phase or notes its bundle: the job waits where it is and
+    completes once the database is back, on its first attempt, instead of failing the
+    attempt and starting over."""
+    caplog.set_level(logging.WARNING, logger="longdl.engine")
+    job = WriteAfterGate(write)
+    client = await replica(make_client, database_url, tmp_path, "a", handlers={"w": job.handler})
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+
+    name = urllib.parse.urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(postgres.url())
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        try:
+            job.go.set()
+            await wait_for(write_failed(caplog))
+            assert (
+                "running"
+                == (await (await client.get(f"/v1/download/status/{job_id}")).json())["status"]
+            )
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin.close()
+
+    body = await finished(client, job_id, timeout_s=30)
+    assert ("completed", 1, 1) == (body["status"], body["attempts"], job.runs), body
 
 
 async def test_replicas_need_shared_secrets(
