@@ -1248,8 +1248,9 @@ class Engine:
                     self._sweeps += 1
                     if self._sweeps % ORPHAN_SCAN_EVERY == 0:
                         await self.remove_orphans()
-            except exceptions.StoreUnavailable as exc:
-                # The database is away (restarting, say): a line each time, not a traceback.
+            except (exceptions.StoreUnavailable, exceptions.StorageUnavailable) as exc:
+                # The database or S3 is away (restarting, say): a line each time, not a
+                # traceback.
                 log.warning("maintenance failed: %r; trying again next time", exc)
             except Exception:
                 log.exception("maintenance failed; trying again next time")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import zipfile
 from typing import Any
 
 import aiohttp
+import pytest
 import yarl
 from conftest import AppFactory, finished, initiate, wait_for
 from s3server import SeaweedServer
@@ -70,3 +72,29 @@ async def test_jobs_complete_after_s3_comes_back(
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         entries = {name: archive.read(name) for name in archive.namelist()}
     assert {f"{i}.zip": demo_content(i) for i in IDS} == entries
+
+
+async def test_maintenance_during_an_s3_outage_logs_a_line_not_a_traceback(
+    make_client: AppFactory, seaweed: SeaweedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While S3 is away, the sweeps that look for orphaned uploads fail with a warning
+    line each, not an ERROR traceback every tenth sweep."""
+    caplog.set_level(logging.WARNING, logger="longdl")
+    client = await make_client(
+        **seaweed.settings(), sweep_interval_s=0.05, s3_connect_timeout_s=1, s3_read_timeout_s=2
+    )
+    await asyncio.to_thread(seaweed.stop, kill=True)
+    try:
+
+        async def sweep_met_the_outage() -> bool:
+            return any(
+                "maintenance failed" in r.getMessage() and "StorageUnavailable" in r.getMessage()
+                for r in caplog.records
+            )
+
+        await wait_for(sweep_met_the_outage, timeout_s=30)
+    finally:
+        await asyncio.to_thread(seaweed.start)
+        await asyncio.to_thread(seaweed.wait_ready)
+    assert [] == [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 200 == (await client.get("/health")).status
