@@ -33,7 +33,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from longdl import exceptions, ids, retry
 from longdl.callbacks import call_each
@@ -190,7 +190,7 @@ class JobContext:
             job.id, lambda: engine.store.set_status(job.id, engine.worker_id, status, job.progress)
         )
         if stored is None:
-            raise exceptions.JobFailed("LOST", "The job was taken over or canceled")
+            await engine.stop_not_held(self._running)
         job.status = status
         job.updated_at = stored.updated_at
         self._running.version += 1
@@ -237,9 +237,13 @@ class _JobStorage(Storage):
     async def _note(self, key: str) -> None:
         """Record ``key`` as the job's output before anything is written to it."""
         engine, job_id = self._engine, self._running.job.id
-        await engine.write_while_running(
+        held = await engine.write_while_running(
             job_id, lambda: engine.store.add_output(job_id, engine.worker_id, key)
         )
+        if not held:
+            # Canceled or taken over since the last heartbeat: the key would be noted
+            # nowhere, so nothing would ever delete it. Stop before writing it.
+            await engine.stop_not_held(self._running)
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
@@ -1120,13 +1124,22 @@ class Engine:
                 continue
             if running.finish_task is not None or running.task is None:
                 continue
-            stored = await self._stored_or_none(job_id)
-            reason: StopReason = (
-                "cancel" if stored is not None and stored.status is JobStatus.CANCELED else "lost"
-            )
-            log.warning("job.not_held job_id=%s stopping=%s", job_id, reason)
-            running.stop_reason = reason
+            running.stop_reason = await self._why_not_held(job_id)
             running.task.cancel()
+
+    async def stop_not_held(self, running: _Running) -> NoReturn:
+        """Called from a running job whose write found it no longer held (canceled or
+        taken over since the last heartbeat): stop it now, as the heartbeat would."""
+        running.stop_reason = await self._why_not_held(running.job.id)
+        raise asyncio.CancelledError
+
+    async def _why_not_held(self, job_id: str) -> StopReason:
+        stored = await self._stored_or_none(job_id)
+        reason: StopReason = (
+            "cancel" if stored is not None and stored.status is JobStatus.CANCELED else "lost"
+        )
+        log.warning("job.not_held job_id=%s stopping=%s", job_id, reason)
+        return reason
 
     async def _heartbeat_loop(self) -> None:
         flush_s = self.settings.progress_flush_ms / 1000

@@ -503,6 +503,24 @@ class StoreContract:
         assert JobStatus.COMPLETED == job.status
         assert owned[0] in {job.id for job in first}
 
+    async def test_noting_an_output_says_whether_the_job_is_still_held(
+        self, store: Store, clock: Clock
+    ) -> None:
+        """A key is noted (once, however often) while its worker holds the job; another
+        worker, or a canceled job, notes nothing and hears so."""
+        job_id = await self.running(store)
+        assert [True, True, False] == [
+            await store.add_output(job_id, "w1", "bundles/x.zip"),
+            await store.add_output(job_id, "w1", "bundles/x.zip"),
+            await store.add_output(job_id, "w2", "bundles/y.zip"),
+        ]
+        await store.cancel(job_id, ttl_s=60, message="Canceled")
+        assert False is await store.add_output(job_id, "w1", "bundles/z.zip")
+        clock.advance(120)
+        assert ["bundles/x.zip"] == [
+            item.key for item in await store.claim_trash(limit=10, lease_s=60)
+        ]
+
     async def test_outputs_of_a_failed_job_go_to_the_trash(
         self, store: Store, clock: Clock
     ) -> None:

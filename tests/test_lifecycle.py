@@ -414,6 +414,33 @@ async def test_a_cancel_made_by_another_process_stops_the_job(
     assert 0 == client.app[keys.ENGINE].running_count
 
 
+@pytest.mark.parametrize("write", ["status", "output"])
+async def test_a_job_canceled_elsewhere_writes_no_bundle_before_it_hears(
+    make_client: AppFactory, write: str
+) -> None:
+    """A job canceled through another process's store, which goes on to enter its
+    artifact phase or write its bundle before its heartbeat hears of the cancel, stops
+    there as canceled (never shown failed) and writes nothing: the bundle would be noted
+    nowhere, and nothing would ever delete it."""
+    job = WriteAfterGate(write)
+    # Heartbeats 10 s apart: the write comes long before the next one.
+    client = await make_client(handlers={"w": job.handler}, progress_flush_ms=60_000)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+    other = SQLiteStore(client.app[keys.SETTINGS].database_path)
+    await other.open()
+    try:
+        await other.cancel(job_id, ttl_s=60, message="Canceled")
+    finally:
+        await other.close()
+    job.go.set()
+
+    assert "canceled" == (await finished(client, job_id))["status"]
+    assert None is await client.app[keys.STORAGE].head(f"bundles/{job_id}.txt")
+    assert [] == list((client.app[keys.SETTINGS].data_dir / "storage").rglob("*.part*"))
+    assert 1 == job.runs
+
+
 async def test_stop_gives_back_a_job_claimed_but_never_started(
     make_client: AppFactory, tmp_path: Path
 ) -> None:

@@ -411,9 +411,11 @@ class Store(abc.ABC):
         """Move a held job to another held status (``processing_artifacts``)."""
 
     @abc.abstractmethod
-    async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
+    async def add_output(self, job_id: str, worker_id: str, key: str) -> bool:
         """Note that the job is about to write ``key``: if the job ends without it as its
-        result, the key goes to the trash (crash-safe: noted before the write)."""
+        result, the key goes to the trash (crash-safe: noted before the write). False,
+        noting nothing, when the worker no longer holds the job (canceled, taken over):
+        it must not write the key, which nothing would ever delete."""
 
     @abc.abstractmethod
     async def complete(

@@ -734,9 +734,13 @@ class PostgresStore(base.SQLStore):
         # fetchmany's rows could not be told apart then.
         return await self._write(unit, savepoint=False)
 
-    async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
+    async def add_output(self, job_id: str, worker_id: str, key: str) -> bool:
         params = {"id": job_id, "worker_id": worker_id, "key": key}
-        await self._write(lambda conn: _execute(conn, "add_output", params))
+
+        async def unit(conn: asyncpg.Connection) -> bool:
+            return await _fetchrow(conn, "add_output", params) is not None
+
+        return await self._write(unit)
 
     async def release_all(self, worker_id: str, message: str) -> list[str]:
         params = {"worker_id": worker_id, "message": message, "now": self._clock()}

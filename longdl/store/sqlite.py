@@ -782,11 +782,10 @@ class SQLiteStore(base.SQLStore):
 
         return await self._write(unit)
 
-    async def add_output(self, job_id: str, worker_id: str, key: str) -> None:
-        await self._write(
-            lambda conn: conn.execute(
-                Q["add_output"], {"id": job_id, "worker_id": worker_id, "key": key}
-            )
+    async def add_output(self, job_id: str, worker_id: str, key: str) -> bool:
+        params = {"id": job_id, "worker_id": worker_id, "key": key}
+        return await self._write(
+            lambda conn: conn.execute(Q["add_output"], params).fetchone() is not None
         )
 
     async def release_all(self, worker_id: str, message: str) -> list[str]:

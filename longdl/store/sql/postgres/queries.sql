@@ -138,9 +138,13 @@ UPDATE jobs SET status = :status, progress = :progress::jsonb, updated_at = :now
 RETURNING *;
 
 -- name: add_output
-UPDATE jobs SET outputs = coalesce(outputs, '[]'::jsonb) || to_jsonb(:key::text)
+-- A row when the worker still holds the job (the key noted now or before), none if not.
+UPDATE jobs
+   SET outputs = CASE WHEN coalesce(outputs, '[]'::jsonb) @> to_jsonb(ARRAY[:key::text])
+                      THEN outputs
+                      ELSE coalesce(outputs, '[]'::jsonb) || to_jsonb(:key::text) END
  WHERE id = :id AND worker_id = :worker_id AND status IN ('running', 'processing_artifacts')
-   AND NOT coalesce(outputs, '[]'::jsonb) @> to_jsonb(ARRAY[:key::text]);
+RETURNING id;
 
 -- name: complete
 UPDATE jobs

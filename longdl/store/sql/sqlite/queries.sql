@@ -153,9 +153,14 @@ UPDATE jobs SET status = :status, progress = :progress, updated_at = :now
 RETURNING *;
 
 -- name: add_output
-UPDATE jobs SET outputs = json_insert(coalesce(outputs, '[]'), '$[#]', :key)
+-- A row when the worker still holds the job (the key noted now or before), none if not.
+UPDATE jobs
+   SET outputs = CASE WHEN EXISTS (SELECT 1 FROM json_each(coalesce(jobs.outputs, '[]'))
+                                    WHERE value = :key)
+                      THEN outputs
+                      ELSE json_insert(coalesce(outputs, '[]'), '$[#]', :key) END
  WHERE id = :id AND worker_id = :worker_id AND status IN ('running', 'processing_artifacts')
-   AND NOT EXISTS (SELECT 1 FROM json_each(coalesce(jobs.outputs, '[]')) WHERE value = :key);
+RETURNING id;
 
 -- name: complete
 UPDATE jobs
