@@ -111,6 +111,17 @@ async def submit(client: Any, kind: str) -> str:
     return str((await client.app[keys.ENGINE].submit(kind, {})).job.id)
 
 
+async def cancel_from_another_process(client: Any, job_id: str) -> None:
+    """Cancel the job through a store of its own on the app's database, as another
+    process would: the app hears of it only through the database."""
+    other = SQLiteStore(client.app[keys.SETTINGS].database_path)
+    await other.open()
+    try:
+        await other.cancel(job_id, ttl_s=60, message="Canceled")
+    finally:
+        await other.close()
+
+
 async def status_of(client: Any, job_id: str) -> str:
     return str((await (await client.get(f"/v1/download/status/{job_id}")).json())["status"])
 
@@ -398,12 +409,7 @@ async def test_a_cancel_made_by_another_process_stops_the_job(
     client = await make_client(handlers={"h": handler}, progress_flush_ms=50)
     job_id = await submit(client, "h")
     await asyncio.wait_for(started.wait(), 10)
-    other = SQLiteStore(client.app[keys.SETTINGS].database_path)
-    await other.open()
-    try:
-        await other.cancel(job_id, ttl_s=60, message="Canceled")
-    finally:
-        await other.close()
+    await cancel_from_another_process(client, job_id)
 
     async def stopped() -> bool:
         return bool(reasons)
@@ -427,12 +433,7 @@ async def test_a_job_canceled_elsewhere_writes_no_bundle_before_it_hears(
     client = await make_client(handlers={"w": job.handler}, progress_flush_ms=60_000)
     job_id = await submit(client, "w")
     await asyncio.wait_for(job.started.wait(), 10)
-    other = SQLiteStore(client.app[keys.SETTINGS].database_path)
-    await other.open()
-    try:
-        await other.cancel(job_id, ttl_s=60, message="Canceled")
-    finally:
-        await other.close()
+    await cancel_from_another_process(client, job_id)
     job.go.set()
 
     assert "canceled" == (await finished(client, job_id))["status"]
