@@ -204,6 +204,34 @@ async def test_a_running_job_waits_for_the_database_no_longer_than_its_time_limi
     assert ("failed", "TIMEOUT", 1) == (body["status"], body["error"]["code"], job.runs), body
 
 
+async def test_a_job_waiting_for_the_database_can_be_canceled(
+    make_client: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancel reaches a job while it waits for a locked database: the job stops there
+    (no bundle written, no attempt used), and the cancel answers once its write lands."""
+    caplog.set_level(logging.INFO, logger="longdl.engine")
+    job = WriteAfterGate("output")
+    client = await make_client(handlers={"w": job.handler}, db_busy_timeout_ms=100)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+
+    with HeldLock(client.app[keys.SETTINGS].database_path):
+        job.go.set()
+        await wait_for(write_failed(caplog))
+        cancel = asyncio.ensure_future(client.post(f"/v1/download/cancel/{job_id}"))
+
+        async def stopped() -> bool:
+            return any("job.canceled" in r.getMessage() for r in caplog.records)
+
+        await wait_for(stopped)
+
+    response = await asyncio.wait_for(cancel, 10)
+    assert 200 == response.status, await response.text()
+    body = await finished(client, job_id)
+    assert ("canceled", 1, 1) == (body["status"], body["attempts"], job.runs), body
+    assert None is await client.app[keys.STORAGE].head(f"bundles/{job_id}.txt")
+
+
 class LateCancel:
     """A job kind whose last chunk asks for its own cancel, so the cancel lands while the
     bundle is being renamed into place."""
