@@ -1131,6 +1131,11 @@ class Engine:
         """Called from a running job whose write found it no longer held (canceled or
         taken over since the last heartbeat): stop it now, as the heartbeat would."""
         running.stop_reason = await self._why_not_held(running.job.id)
+        task = running.task
+        if task is not None and task is not asyncio.current_task():
+            # The write ran in a task the handler started (a TaskGroup's, say), which
+            # may swallow its own cancellation: stop the job itself too.
+            task.cancel()
         raise asyncio.CancelledError
 
     async def _why_not_held(self, job_id: str) -> StopReason:

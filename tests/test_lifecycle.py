@@ -76,13 +76,15 @@ class Writer:
 class WriteAfterGate:
     """A job kind that waits for the test, then makes a write a running job makes on its
     way: entering the artifact phase (``status``) or noting the bundle it is about to
-    write (``output``; the status write notes its bundle after)."""
+    write (``output``; the status write notes its bundle after), or the same from a task
+    of a TaskGroup (``output_in_task``)."""
 
     def __init__(self, write: str) -> None:
         self.write = write
         self.started = asyncio.Event()
         self.go = asyncio.Event()
         self.runs = 0
+        self.went_on = False
 
     async def handler(self, ctx: JobContext) -> Artifact:
         self.runs += 1
@@ -90,7 +92,14 @@ class WriteAfterGate:
         await self.go.wait()
         if self.write == "status":
             await ctx.set_status(JobStatus.PROCESSING_ARTIFACTS)
-        info = await ctx.storage.write_bytes(f"bundles/{ctx.job_id}.txt", b"done")
+        key = f"bundles/{ctx.job_id}.txt"
+        if self.write == "output_in_task":
+            async with asyncio.TaskGroup() as group:
+                written = group.create_task(ctx.storage.write_bytes(key, b"done"))
+            self.went_on = True
+            info = written.result()
+        else:
+            info = await ctx.storage.write_bytes(key, b"done")
         return Artifact(key=info.key, filename="done.txt", size_bytes=info.size_bytes)
 
 
@@ -448,14 +457,14 @@ async def test_a_cancel_made_by_another_process_stops_the_job(
     assert 0 == client.app[keys.ENGINE].running_count
 
 
-@pytest.mark.parametrize("write", ["status", "output"])
+@pytest.mark.parametrize("write", ["status", "output", "output_in_task"])
 async def test_a_job_canceled_elsewhere_writes_no_bundle_before_it_hears(
     make_client: AppFactory, write: str
 ) -> None:
     """A job canceled through another process's store, which goes on to enter its
-    artifact phase or write its bundle before its heartbeat hears of the cancel, stops
-    there as canceled (never shown failed) and writes nothing: the bundle would be noted
-    nowhere, and nothing would ever delete it."""
+    artifact phase or write its bundle (in its own task or one it started) before its
+    heartbeat hears of the cancel, stops there as canceled (never shown failed) and
+    writes nothing: the bundle would be noted nowhere, and nothing would ever delete it."""
     job = WriteAfterGate(write)
     # Heartbeats 10 s apart: the write comes long before the next one.
     client = await make_client(handlers={"w": job.handler}, progress_flush_ms=60_000)
@@ -467,7 +476,7 @@ async def test_a_job_canceled_elsewhere_writes_no_bundle_before_it_hears(
     assert "canceled" == (await finished(client, job_id))["status"]
     assert None is await client.app[keys.STORAGE].head(f"bundles/{job_id}.txt")
     assert [] == list((client.app[keys.SETTINGS].data_dir / "storage").rglob("*.part*"))
-    assert 1 == job.runs
+    assert (1, False) == (job.runs, job.went_on)
 
 
 async def test_stop_gives_back_a_job_claimed_but_never_started(
