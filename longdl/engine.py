@@ -122,7 +122,10 @@ class JobContext:
     """What a handler gets: the job, storage, settings and progress reporting.
 
     Cancellation arrives as ``asyncio.CancelledError``; clean up in ``finally``, and ask
-    :attr:`stop_reason` whether the job is gone for good or will run again.
+    :attr:`stop_reason` whether the job is gone for good or will run again. It can also
+    arrive from :meth:`set_status` or a storage write, when the job turns out to have
+    been canceled or taken over since the last heartbeat; while the database is away
+    those two wait until it is back.
     """
 
     def __init__(self, engine: Engine, running: _Running) -> None:
