@@ -479,6 +479,31 @@ async def test_a_job_canceled_elsewhere_writes_no_bundle_before_it_hears(
     assert (1, False) == (job.runs, job.went_on)
 
 
+async def test_a_job_taken_over_writes_no_bundle_before_it_hears(make_client: AppFactory) -> None:
+    """A job another worker took over (its lease ran out while this process was stalled)
+    writes nothing when it goes on: the write finds it no longer held and the job stops
+    here quietly, leaving the job to its new holder."""
+    job = WriteAfterGate("output")
+    client = await make_client(handlers={"w": job.handler}, progress_flush_ms=60_000)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+    with sqlite3.connect(client.app[keys.SETTINGS].database_path) as conn:
+        conn.execute("UPDATE jobs SET worker_id = 'another' WHERE id = ?", (job_id,))
+    job.go.set()
+
+    engine = client.app[keys.ENGINE]
+
+    async def stopped() -> bool:
+        return engine.running_count == 0
+
+    await wait_for(stopped)
+    stored = await client.app[keys.STORE].get_job(job_id)
+    assert stored is not None
+    assert JobStatus.RUNNING == stored.status  # the new holder's, untouched
+    assert None is await client.app[keys.STORAGE].head(f"bundles/{job_id}.txt")
+    assert (1, False) == (job.runs, job.went_on)
+
+
 async def test_stop_gives_back_a_job_claimed_but_never_started(
     make_client: AppFactory, tmp_path: Path
 ) -> None:
