@@ -120,6 +120,18 @@ async def submit(client: Any, kind: str) -> str:
     return str((await client.app[keys.ENGINE].submit(kind, {})).job.id)
 
 
+async def job_at_gate(
+    make_client: AppFactory, write: str, **settings: Any
+) -> tuple[WriteAfterGate, Any, str]:
+    """A fresh app with a :class:`WriteAfterGate` job of ``write``, started and waiting at
+    its gate; ``settings`` override the app's."""
+    job = WriteAfterGate(write)
+    client = await make_client(handlers={"w": job.handler}, **settings)
+    job_id = await submit(client, "w")
+    await asyncio.wait_for(job.started.wait(), 10)
+    return job, client, job_id
+
+
 async def cancel_from_another_process(client: Any, job_id: str) -> None:
     """Cancel the job through a store of its own on the app's database, as another
     process would: the app hears of it only through the database."""
@@ -176,10 +188,7 @@ async def test_a_running_job_waits_out_a_locked_database_instead_of_retrying(
     phase or notes its bundle: the job waits where it is and completes once the lock
     goes, on its first attempt, instead of failing the attempt and starting over."""
     caplog.set_level(logging.WARNING, logger="longdl.engine")
-    job = WriteAfterGate(write)
-    client = await make_client(handlers={"w": job.handler}, db_busy_timeout_ms=100)
-    job_id = await submit(client, "w")
-    await asyncio.wait_for(job.started.wait(), 10)
+    job, client, job_id = await job_at_gate(make_client, write, db_busy_timeout_ms=100)
 
     with HeldLock(client.app[keys.SETTINGS].database_path):
         job.go.set()
@@ -196,10 +205,9 @@ async def test_a_running_job_waits_for_the_database_no_longer_than_its_time_limi
     """A job waiting for a locked database still ends at JOB_TIMEOUT_S, failed with
     TIMEOUT once the lock goes, rather than waiting forever."""
     caplog.set_level(logging.WARNING, logger="longdl.engine")
-    job = WriteAfterGate("output")
-    client = await make_client(handlers={"w": job.handler}, db_busy_timeout_ms=100, job_timeout_s=1)
-    job_id = await submit(client, "w")
-    await asyncio.wait_for(job.started.wait(), 10)
+    job, client, job_id = await job_at_gate(
+        make_client, "output", db_busy_timeout_ms=100, job_timeout_s=1
+    )
 
     with HeldLock(client.app[keys.SETTINGS].database_path):
         job.go.set()
@@ -219,10 +227,7 @@ async def test_a_job_waiting_for_the_database_can_be_canceled(
     """A cancel reaches a job while it waits for a locked database: the job stops there
     (no bundle written, no attempt used), and the cancel answers once its write lands."""
     caplog.set_level(logging.INFO, logger="longdl.engine")
-    job = WriteAfterGate("output")
-    client = await make_client(handlers={"w": job.handler}, db_busy_timeout_ms=100)
-    job_id = await submit(client, "w")
-    await asyncio.wait_for(job.started.wait(), 10)
+    job, client, job_id = await job_at_gate(make_client, "output", db_busy_timeout_ms=100)
 
     with HeldLock(client.app[keys.SETTINGS].database_path):
         job.go.set()
@@ -465,11 +470,8 @@ async def test_a_job_canceled_elsewhere_writes_no_bundle_before_it_hears(
     artifact phase or write its bundle (in its own task or one it started) before its
     heartbeat hears of the cancel, stops there as canceled (never shown failed) and
     writes nothing: the bundle would be noted nowhere, and nothing would ever delete it."""
-    job = WriteAfterGate(write)
     # Heartbeats 10 s apart: the write comes long before the next one.
-    client = await make_client(handlers={"w": job.handler}, progress_flush_ms=60_000)
-    job_id = await submit(client, "w")
-    await asyncio.wait_for(job.started.wait(), 10)
+    job, client, job_id = await job_at_gate(make_client, write, progress_flush_ms=60_000)
     await cancel_from_another_process(client, job_id)
     job.go.set()
 
@@ -483,10 +485,7 @@ async def test_a_job_taken_over_writes_no_bundle_before_it_hears(make_client: Ap
     """A job another worker took over (its lease ran out while this process was stalled)
     writes nothing when it goes on: the write finds it no longer held and the job stops
     here quietly, leaving the job to its new holder."""
-    job = WriteAfterGate("output")
-    client = await make_client(handlers={"w": job.handler}, progress_flush_ms=60_000)
-    job_id = await submit(client, "w")
-    await asyncio.wait_for(job.started.wait(), 10)
+    job, client, job_id = await job_at_gate(make_client, "output", progress_flush_ms=60_000)
     with sqlite3.connect(client.app[keys.SETTINGS].database_path) as conn:
         conn.execute("UPDATE jobs SET worker_id = 'another' WHERE id = ?", (job_id,))
     job.go.set()
