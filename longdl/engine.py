@@ -65,6 +65,9 @@ CLAIM_BATCH = 32
 SWEEP_BATCH = 500
 #: Partial uploads are looked for at start-up and every this many sweeps.
 ORPHAN_SCAN_EVERY = 10
+#: First wait before trying a final status write, or a running job's write while the
+#: database is away, again; it doubles with each failure up to MAX_RETRY_DELAY_S.
+FIRST_RETRY_DELAY_S = 0.05
 #: Longest wait between two tries of a final status write, a running job's write while
 #: the database is away, or any maintenance step.
 MAX_RETRY_DELAY_S = 5.0
@@ -895,7 +898,7 @@ class Engine:
     async def _write_until_landed(
         self, job_id: str, write: Callable[[], Awaitable[Job | None]]
     ) -> Job | None:
-        delay_s = 0.05
+        delay_s = FIRST_RETRY_DELAY_S
         while True:
             try:
                 return await write()
@@ -923,7 +926,7 @@ class Engine:
         A full disk is not waited out: the attempt fails with DISK_FULL and retries
         later with backoff, its slot free meanwhile.
         """
-        delay_s = 0.05
+        delay_s = FIRST_RETRY_DELAY_S
         while True:
             try:
                 return await write()
