@@ -4,6 +4,7 @@ worker id and listener, sharing the database and a storage folder."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import urllib.parse
@@ -15,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate, wait_for
 from pgserver import PostgresServer
-from test_lifecycle import WriteAfterGate, submit, write_failed
+from test_lifecycle import job_at_gate, status_of, write_failed
 
 from longdl.engine import Artifact, JobContext
 from longdl.storage import LocalStorage
@@ -134,10 +135,8 @@ async def test_a_running_job_waits_out_a_database_outage_instead_of_retrying(
     completes once the database is back, on its first attempt, instead of failing the
     attempt and starting over."""
     caplog.set_level(logging.WARNING, logger="longdl.engine")
-    job = WriteAfterGate(write)
-    client = await replica(make_client, database_url, tmp_path, "a", handlers={"w": job.handler})
-    job_id = await submit(client, "w")
-    await asyncio.wait_for(job.started.wait(), 10)
+    a_replica = functools.partial(replica, make_client, database_url, tmp_path, "a")
+    job, client, job_id = await job_at_gate(a_replica, write)
 
     name = urllib.parse.urlsplit(database_url).path.lstrip("/")
     admin = await asyncpg.connect(postgres.url())
@@ -149,10 +148,7 @@ async def test_a_running_job_waits_out_a_database_outage_instead_of_retrying(
         try:
             job.go.set()
             await wait_for(write_failed(caplog))
-            assert (
-                "running"
-                == (await (await client.get(f"/v1/download/status/{job_id}")).json())["status"]
-            )
+            assert "running" == await status_of(client, job_id)
         finally:
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     finally:
