@@ -3,15 +3,18 @@
 Wall-clock rates on these shared 2-core machines drift by 2x between runs, so a change
 worth a few percent of a poll cannot be seen in them; instruction counts can. Each
 server runs under ``valgrind --tool=callgrind`` (every user-space instruction of the
-process: the interpreter, aiohttp's C parts, SQLite) twice, answering FEW and then MANY
-polls of a running job over one keep-alive connection; the difference of the two totals
-over MANY - FEW is the cost of one poll, start-up and shutdown cancelled out. Baselines:
-bare aiohttp returning the same bytes, and the same with every header longdl sent and
-one pass-through middleware (the contract's own price). The kernel's share (sends,
-receives) is not counted; it is about the same for all three.
+process: the interpreter, aiohttp's C parts, SQLite) and answers WARM polls of a running
+job over one keep-alive connection; ``callgrind_control --dump`` then zeroes its
+counters, and the total of the next MANY polls over MANY is the cost of one poll, with
+start-up, first requests and shutdown left out. Baselines: bare aiohttp returning the
+same bytes, and the same with every header longdl sent and one pass-through middleware
+(the contract's own price). The kernel's share (sends, receives) is not counted; it is
+about the same for all three.
 
-About two minutes (valgrind runs Python some 50 times slower; the two servers of each
-measurement run at once); ``make bench`` installs valgrind with the other tools.
+About a minute and a half: valgrind runs Python some 50 times slower and start-up is
+most of each server's time, so the three servers run at once (what else the machine
+runs changes how long valgrind takes, not what it counts); ``make bench`` installs
+valgrind, whose package brings ``callgrind_control``, with the other tools.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import concurrent.futures
 import http.client
 import re
 import shutil
+import subprocess
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +33,17 @@ from bench import common
 from bench.common import Longdl, Row
 from bench.status import FILES, _capture, _route
 
-FEW = 100
-MANY = 1100
+#: Polls before counting starts (first-request paths, caches), then polls counted.
+WARM = 100
+MANY = 1000
 
 
 def _callgrind(out: Path) -> list[str]:
-    if shutil.which("valgrind") is None:
-        raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
-    return ["valgrind", "--tool=callgrind", "--vgdb=no", f"--callgrind-out-file={out}"]
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed (apt-get install valgrind)")
+    # --vgdb=yes (the default, named here) is how callgrind_control reaches the process.
+    return ["valgrind", "--tool=callgrind", "--vgdb=yes", f"--callgrind-out-file={out}"]
 
 
 def _polls(url: str, path: str, count: int) -> None:
@@ -53,46 +60,54 @@ def _polls(url: str, path: str, count: int) -> None:
         conn.close()
 
 
-def _collected(log: Path) -> int:
-    """The instructions callgrind counted, from its closing lines in the server's log."""
-    found = re.search(r"Collected : (\d+)", log.read_text())
+def _dump(pid: int, out: Path, number: int, env: Mapping[str, str] | None) -> int:
+    """Have callgrind write its counts so far (``out.NUMBER``) and zero them; their total.
+
+    ``env`` is the server's: vgdb names its pipes after ``$HOST``, which longdl's has.
+    """
+    subprocess.run(["callgrind_control", "--dump", str(pid)], env=env, check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    dumped = out.with_name(f"{out.name}.{number}")
+    found = re.search(r"^totals: (\d+)", dumped.read_text(), re.MULTILINE)
     if found is None:
-        raise RuntimeError(f"no callgrind total in {log}")
+        raise RuntimeError(f"no callgrind total in {dumped}")
     return int(found.group(1))
 
 
-def _longdl(tmp: Path, count: int) -> int:
-    data = tmp / f"longdl-{count}"
-    server = Longdl(data, common.stuck_settings(), wrapper=_callgrind(tmp / f"{count}.cg"))
+def _per_poll(
+    pid: int, out: Path, url: str, path: str, env: Mapping[str, str] | None = None
+) -> float:
+    """Instructions per poll of the server ``pid`` (run with ``env``), whose callgrind
+    file is ``out``."""
+    _polls(url, path, WARM)
+    _dump(pid, out, 1, env)  # start-up and the first polls, left out
+    _polls(url, path, MANY)
+    return _dump(pid, out, 2, env) / MANY
+
+
+def _longdl(tmp: Path) -> float:
+    data = tmp / "longdl"
+    out = tmp / "longdl.cg"
+    server = Longdl(data, common.stuck_settings(), wrapper=_callgrind(out))
     server.seed(*FILES)
     try:
         server.start(timeout_s=600)
         job = server.initiate(FILES)
         server.wait_status(job, "running")
-        _polls(server.url, job["statusUrl"], count)
+        assert server.child is not None
+        return _per_poll(server.child.pid, out, server.url, job["statusUrl"], server.env)
     finally:
         server.stop()
-    return _collected(data.parent / f"{data.name}-serve.log")
 
 
-def _bare(tmp: Path, route: dict[str, Any], middleware: bool, count: int) -> int:
-    name = f"bare-{int(middleware)}-{count}"
-    child, url = common.start_canned(
-        tmp, [route], name, middleware, _callgrind(tmp / f"{name}.cg"), timeout_s=300
-    )
+def _bare(tmp: Path, route: dict[str, Any], middleware: bool) -> float:
+    name = f"bare-{int(middleware)}"
+    out = tmp / f"{name}.cg"
+    child, url = common.start_canned(tmp, [route], name, middleware, _callgrind(out), timeout_s=300)
     try:
-        _polls(url, route["path"], count)
+        return _per_poll(child.pid, out, url, route["path"])
     finally:
         child.stop(timeout_s=120)
-    return _collected(tmp / f"{name}.log")
-
-
-def _per_poll(measure: Callable[[int], int]) -> float:
-    """The FEW and MANY servers run side by side, one per core: what else the machine
-    runs changes how long valgrind takes, not what it counts."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        few, many = pool.map(measure, (FEW, MANY))
-    return (many - few) / (MANY - FEW)
 
 
 def run() -> dict[str, object]:
@@ -105,9 +120,13 @@ def run() -> dict[str, object]:
             answer = _capture(server, job["statusUrl"])
         path = job["statusUrl"]
         plain, full = _route(path, answer), _route(path, answer, headers=True)
-        longdl = _per_poll(lambda n: _longdl(tmp, n))
-        bare = _per_poll(lambda n: _bare(tmp, plain, False, n))
-        contract = _per_poll(lambda n: _bare(tmp, full, True, n))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            measured = [
+                pool.submit(_longdl, tmp),
+                pool.submit(_bare, tmp, plain, False),
+                pool.submit(_bare, tmp, full, True),
+            ]
+            longdl, bare, contract = (future.result() for future in measured)
     unit = "instr"
     rows = [
         Row("P1", "instructions per status poll (callgrind)", longdl, unit, bare,
@@ -116,7 +135,7 @@ def run() -> dict[str, object]:
             "bare aiohttp, same bytes, 14 headers, one middleware", lower_is_better=True),
     ]  # fmt: skip
     return {
-        "polls": f"{MANY} - {FEW} over one keep-alive connection",
+        "polls": f"{MANY} counted after {WARM} over one keep-alive connection",
         "longdl": f"{longdl:,.0f} instructions per poll",
         "bare aiohttp": f"{bare:,.0f}",
         "bare aiohttp, same headers, one middleware": f"{contract:,.0f}",
