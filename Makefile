@@ -57,7 +57,7 @@ container-test:
 	$(PYTHON) tests/container_check.py
 
 # Measurements, not pass/fail tests (see bench/__init__.py). `make bench` runs every figure
-# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~12 min);
+# of issue 12 with its baseline in the same run and writes docs/benchmarks.md (~13 min);
 # `make bench-quick` runs P1, P2 and P5 and only prints the table (~1 min).
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
