@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -133,6 +134,13 @@ class ClientErrorsInOneLine(logging.Filter):
 LINGERING_S = 2.0
 #: How long a connection refused over MAX_CONNECTIONS may take to read its 503.
 REFUSED_GRACE_S = 1.0
+#: Net new objects between young garbage collections (Python's default: 700). Requests in
+#: flight hold a few hundred objects each, so at 700 a burst of initiates made about 50
+#: young collections a second that found no garbage (3 % of the event loop's time). The
+#: price is a larger middle generation: its collections while thousands of held
+#: connections open take up to about 90 ms, against 15 ms; at 700 they came with full
+#: collections of up to 0.6 s, and took six times as long in all.
+GC_YOUNG_THRESHOLD = 10_000
 
 log = logging.getLogger("longdl")
 
@@ -186,6 +194,7 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         # Inside the try: a resource that fails to open (a refused secret) must still
         # close the ones opened before it, or their threads keep the process alive.
         await runner.setup()
+        _settle_heap()
         site = CappedSite(runner, settings.host, settings.port, settings.max_connections)
         await site.start()
         log.info(
@@ -197,6 +206,22 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
         await runner.cleanup()
+
+
+def _settle_heap() -> None:
+    """Tune the garbage collector for serving, once start-up is done.
+
+    What start-up made (modules, the app, its routes, schemas and settings) lives as long
+    as the process: frozen, full collections no longer walk it. Under a burst of
+    initiates they took 50 ms each, a pause every request in flight waited out; now
+    3 ms. Objects frozen can still be freed by reference counting, not by a collection.
+    Only here, where longdl owns the process: an app embedding longdl's keeps its own
+    collector settings.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 _OVER_CAPACITY_BODY = (
