@@ -65,9 +65,11 @@ def _dump(pid: int, out: Path, number: int, env: Mapping[str, str] | None) -> in
 
     ``env`` is the server's: vgdb names its pipes after ``$HOST``, which longdl's has.
     """
-    subprocess.run(["callgrind_control", "--dump", str(pid)], env=env, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    control = subprocess.run(["callgrind_control", "--dump", str(pid)], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
     dumped = out.with_name(f"{out.name}.{number}")
+    if not dumped.exists():  # callgrind_control exits 0 when it finds no such run
+        raise RuntimeError(f"callgrind wrote no {dumped.name}: {control.stdout}{control.stderr}")
     found = re.search(r"^totals: (\d+)", dumped.read_text(), re.MULTILINE)
     if found is None:
         raise RuntimeError(f"no callgrind total in {dumped}")
