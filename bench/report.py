@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import common
+from bench import common, instructions
 from bench.common import Plot, Row
 
 DOCS = common.ROOT / "docs"
@@ -230,8 +230,10 @@ def commands() -> list[str]:
         "`BENCH_WRK_S`, `BENCH_ROUNDS` change the run length, `BENCH_KEEP=1` keeps the "
         "servers' logs.",
         "- `instructions` counts P1 in instructions with callgrind "
-        "(`valgrind --tool=callgrind --vgdb=no`): serves that answered 100 and 1,100 polls, "
-        "differenced; this machine's noise cannot blur it.",
+        "(`valgrind --tool=callgrind --vgdb=yes`): each server answers "
+        f"{instructions.WARM:,} polls, `callgrind_control --dump PID` zeroes its counters, "
+        f"and the next {instructions.MANY:,} polls are counted; this machine's noise "
+        "cannot blur it.",
         f"- longdl: `python -m longdl serve` with a fresh `DATA_DIR` and `{settings}`; "
         f"where a job must stay running: `{stuck}`.",
         "- FastAPI: `uvicorn --app-dir bench/peers fastapi_dict:app` (or `fastapi_arq:app`) "
