@@ -283,6 +283,32 @@ class _Running:
             self.pending_notify = None
 
 
+class _SlotOffer:
+    """A slot held for the claim an insert is offered, until the insert settles: its
+    commit starts the job in that slot; an insert that claimed nothing, failed or was
+    given up on frees it. Held, not only seen free: inserts running at once each see the
+    slots taken before them, so a burst claims no more jobs than there are slots, and
+    the rest are counted against MAX_QUEUED."""
+
+    __slots__ = ("_engine", "held")
+
+    def __init__(self, engine: Engine) -> None:
+        engine._slots._value -= 1  # acquire without waiting: the caller saw it free
+        self._engine = engine
+        self.held = True
+
+    def withdraw(self) -> None:
+        """Free the slot, unless the job it was held for has it."""
+        if self.held:
+            self.held = False
+            self._engine._slots.release()
+
+    def claimed(self, job: Job) -> None:
+        """The store: the insert claimed ``job`` and committed."""
+        held, self.held = self.held, False
+        self._engine._claimed_at_insert(job, held)
+
+
 class Watch:
     """One waiter's interest in a job's next change (a long-poll, an event stream).
 
@@ -606,16 +632,26 @@ class Engine:
         )
         # A free slot and nothing waiting: the job is claimed in its insert and starts as
         # soon as that commits, without a second transaction or a trip through the queue.
-        claim = None
+        offer = claim = None
         if self.settings.worker_concurrency and not self._slots.locked():
-            claim = Claim(self.worker_id, self.settings.lease_s, self._claimed_at_insert)
-        inserted = await self.store.insert_job(
-            new,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-            limits=Limits(self.settings.max_queued, self.settings.max_active_per_user),
-            claim=claim,
-        )
+            offer = _SlotOffer(self)
+            claim = Claim(self.worker_id, self.settings.lease_s, offer.claimed)
+        try:
+            inserted = await self.store.insert_job(
+                new,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                limits=Limits(self.settings.max_queued, self.settings.max_active_per_user),
+                claim=claim,
+            )
+        except BaseException:
+            if offer is not None:
+                # Refused, failed, or given up on with its outcome unknown: should it
+                # still commit claimed, _claimed_at_insert finds a slot or gives it back.
+                offer.withdraw()
+            raise
+        if offer is not None and (inserted.replayed or inserted.job.status is JobStatus.QUEUED):
+            offer.withdraw()  # something else was waiting: it went to the queue
         if inserted.replayed:
             if inserted.request_hash != request_hash:
                 raise exceptions.IdempotencyMismatch(
@@ -628,18 +664,22 @@ class Engine:
             self._wakeup.set()
         return inserted
 
-    def _claimed_at_insert(self, job: Job) -> None:
-        """A job claimed by its own insert is committed: start it (called by the store,
-        whatever happened to the request meanwhile)."""
+    def _claimed_at_insert(self, job: Job, held: bool) -> None:
+        """A job claimed by its own insert is committed: start it in the slot ``held``
+        for it (called by the store, whatever happened to the request meanwhile)."""
         if self._stopping:
+            if held:
+                self._slots.release()
             return  # stop() gives it back with every job this worker holds
-        if self._slots.locked():
-            # The dispatcher took the last slot meanwhile: back to the queue with it.
-            task = asyncio.create_task(self._give_back(job), name=f"longdl give back {job.id}")
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
-            return
-        self._slots._value -= 1  # acquire without waiting: it is free (checked above)
+        if not held:
+            # Its request gave up on the insert and freed the slot.
+            if self._slots.locked():
+                # Taken meanwhile: back to the queue with it.
+                task = asyncio.create_task(self._give_back(job), name=f"longdl give back {job.id}")
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+                return
+            self._slots._value -= 1  # acquire without waiting: it is free (checked above)
         self._start(job)
 
     async def _give_back(self, job: Job) -> Job | None:

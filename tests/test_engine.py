@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -288,6 +289,39 @@ async def test_a_job_submitted_to_an_idle_engine_starts_in_its_own_insert(
         assert "completed" == (await finished(client, inserted.job.id))["status"]
 
     assert [JobStatus.RUNNING] * 5 == statuses
+
+
+@pytest.mark.parametrize("turns", range(5))
+async def test_a_submit_given_up_on_keeps_no_slot(make_client: AppFactory, turns: int) -> None:
+    """A submit cancelled ``turns`` loop turns in (before its insert runs, while it
+    commits, after) holds no slot for ever: whatever it committed runs, and then both
+    slots take jobs at once. (An insert is offered a claim only with a slot held for
+    it, and the slot is given back unless the claim is committed.)"""
+    gate = Gate()
+    client = await make_client(handlers={"gate": gate.handler}, worker_concurrency=2)
+    engine = client.app[keys.ENGINE]
+    store = client.app[keys.STORE]
+
+    given_up = asyncio.create_task(engine.submit("gate", {}))
+    for _ in range(turns):
+        await asyncio.sleep(0)  # one turn of the loop: places the cancel, waits for nothing
+    given_up.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await given_up
+    gate.release.set()
+
+    async def settled() -> bool:
+        counts = await store.count_by_status()
+        return not counts.get("queued") and not counts.get("running")
+
+    await wait_for(settled)
+    gate.release.clear()
+    before = len(gate.started)
+    job_ids = [await submit(client, "gate") for _ in range(2)]
+    await gate.wait_started(before + 2)
+    assert 2 == gate.running
+    gate.release.set()
+    assert ["completed"] * 2 == [(await finished(client, j))["status"] for j in job_ids]
 
 
 async def test_jobs_submitted_back_to_back_find_their_slot_free(make_client: AppFactory) -> None:

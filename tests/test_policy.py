@@ -304,6 +304,28 @@ async def test_full_queue_is_503(make_client: AppFactory) -> None:
     assert 2 == len(history["items"])
 
 
+async def test_a_burst_of_initiates_does_not_overshoot_the_queue_limit(
+    make_client: AppFactory,
+) -> None:
+    """Forty initiates at once with two free slots: at most two run and MAX_QUEUED (5)
+    wait; the rest get 503. (Each insert used to be offered a claim while any slot looked
+    free: all forty were inserted as running, past the queue check, and then given back
+    to the queue.)"""
+    client = await make_client(max_queued=5, worker_concurrency=2, max_active_per_user=1000, **SLOW)
+
+    answers = await asyncio.gather(
+        *(client.post("/v1/download/initiate", json={"file_id": 70000}) for _ in range(40))
+    )
+    statuses = [answer.status for answer in answers]
+    jobs = (await (await client.get("/v1/download/history?limit=100")).json())["items"]
+    waiting = [job for job in jobs if job["status"] == "queued"]
+
+    assert set(statuses) <= {202, 503}
+    assert len(jobs) == statuses.count(202)
+    assert 5 <= statuses.count(202) <= 7, statuses
+    assert len(waiting) <= 5, [job["status"] for job in jobs]
+
+
 # --- problems and headers --------------------------------------------------------------
 
 
