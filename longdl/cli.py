@@ -116,10 +116,13 @@ class ClientErrorsInOneLine(logging.Filter):
     """aiohttp answers a malformed request (bad bytes in the request line or a header)
     with a 400 itself, and logs it at ERROR with a traceback. It is the client's
     mistake, not ours: keep it as one INFO line, so a traceback in the log always means
-    a bug."""
+    a bug. The same for a request body that fails to decode (a plain body sent as gzip,
+    say): aiohttp logs it again as it drains the body after longdl's 400."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError):
+            exc = exc.__cause__ or exc.__context__
         if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 400) < 500:
             reason = (exc.message or type(exc).__name__).strip().splitlines()[0]
             record.msg = f"{record.getMessage()}: {exc.code or 400} {reason!r}"

@@ -287,6 +287,9 @@ async def refusal(url: str, settings: Settings) -> str | None:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, parsed.port or 0, type=socket.SOCK_STREAM
             )
+    except UnicodeError:
+        # The IDNA codec refuses it: an empty label, or one over 63 characters.
+        return f"{host[:80]} is not a valid host name"
     except (OSError, TimeoutError):
         # A name that does not resolve now may resolve later; each delivery attempt
         # resolves and checks again, and gives up after its retries.

@@ -6,14 +6,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import sqlite3
+import struct
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import rawhttp
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate, wait_for
+from service import ServiceProcess
 
 from longdl import exceptions
 from longdl.engine import Artifact, JobContext
@@ -300,4 +306,209 @@ async def test_a_job_saying_nul_characters_finishes_on_either_store(
     job = await wait_for(lambda: stored(odd_id, True))
     assert ("failed", "upstream said \ufffd") == (job.status.value, job.error["message"])
     assert "completed" == plain.status
+    assert_no_traceback(caplog)
+
+
+# --- requests cut short, odd hosts and names (found by probing a real serve) ----------
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    """A real ``longdl serve`` (test servers cancel the handler of a client that leaves,
+    where a serve does not: what such a client does to a serve is seen only there)."""
+    service = ServiceProcess(tmp_path / "data")
+    service.run_cli("seed", "70000")
+    await service.start()
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+async def answered(service: ServiceProcess, method: str, route: str) -> dict[str, float]:
+    """How many ``method`` requests to ``route`` the service answered, by status (its
+    metrics)."""
+    async with aiohttp.ClientSession() as session, session.get(service.url + "/metrics") as got:
+        text = await got.text()
+    prefix = f'longdl_http_request_duration_seconds_count{{method="{method}",route="{route}",'
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.rsplit('status="', 1)[1].rstrip('"}')] = float(value)
+    return counts
+
+
+async def cut_short(port: int, request: bytes, read_first: bool) -> None:
+    """Send ``request``, maybe read the server's first answer line, then reset the
+    connection (SO_LINGER 0: an RST, as a client killed mid-request sends)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    if read_first:
+        await asyncio.wait_for(reader.readline(), 10)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+def assert_quiet(service: ServiceProcess) -> None:
+    """The serve stops cleanly, having logged nothing at ERROR and no traceback."""
+    assert 0 == service.terminate()
+    log = service.log()
+    assert 0 == log.count("Traceback"), log
+    assert " ERROR " not in log, log
+
+
+async def post_when_read(port: int, head: bytes, body: bytes) -> rawhttp.RawResponse:
+    """Send a request's ``head`` (which asks for 100 Continue), and its ``body`` once the
+    handler reads it; the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        writer.write(body)
+        return rawhttp.parse(await asyncio.wait_for(reader.read(), 10))
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_is_not_in_its_content_encoding_is_400(served: ServiceProcess) -> None:
+    """A plain JSON body sent as gzip, arriving once the handler reads it, is a 400
+    problem (it was a 500), creates no job and leaves no traceback, only one INFO line.
+    (Sent with its head, aiohttp's parser refuses it before any handler: its own
+    one-line 400.)"""
+    body = b'{"file_ids": [70000]}'
+    head = (
+        b"POST /v1/download/initiate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+
+    response = await post_when_read(served.port, head, body)
+
+    assert 400 == response.status, response.body
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "Content-Encoding" in response.json()["detail"]
+    assert [] == (await served.json("GET", "/v1/download/history"))[1]["items"]
+    assert_quiet(served)
+
+
+@pytest.mark.parametrize("expect_continue", [False, True], ids=["body", "100-continue"])
+async def test_a_client_leaving_mid_body_is_a_400_not_an_error(
+    served: ServiceProcess, expect_continue: bool
+) -> None:
+    """A client that sends part of its body (or waits for 100 Continue) and goes: the
+    request ends as a 400, creating nothing (it was a 500 with a traceback)."""
+    head = [
+        b"POST /v1/download/initiate HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Content-Type: application/json",
+        b"Content-Length: 100",
+    ]
+    if expect_continue:
+        head.append(b"Expect: 100-continue")
+    request = b"\r\n".join(head) + b"\r\n\r\n" + (b"" if expect_continue else b'{"file_ids"')
+
+    await cut_short(served.port, request, read_first=expect_continue)
+
+    statuses = await wait_for(lambda: answered(served, "POST", "/v1/download/initiate"))
+    assert {"400": 1.0} == statuses
+    assert [] == (await served.json("GET", "/v1/download/history"))[1]["items"]
+    assert_quiet(served)
+
+
+async def test_a_stream_client_gone_before_the_head_is_not_an_error(
+    served: ServiceProcess,
+) -> None:
+    """Event-stream clients that reset their connection at once: each stream ends
+    quietly (the failed head raised out of the handler: a 500 and a traceback)."""
+    status, job = await served.json("POST", "/v1/download/initiate", json={"file_ids": [70000]})
+    assert 202 == status, job
+    request = f"GET {job['eventsUrl']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+    for _ in range(5):
+        await cut_short(served.port, request, read_first=False)
+
+    async def all_answered() -> dict[str, float] | None:
+        statuses = await answered(served, "GET", "/v1/download/{job_id}/events")
+        return statuses if sum(statuses.values()) >= 5 else None
+
+    assert "500" not in await wait_for(all_answered)
+    assert_quiet(served)
+
+
+async def test_head_of_an_event_stream_has_no_body(client: TestClient[Any, Any]) -> None:
+    """HEAD on the events route answers the stream's head alone; the next response on
+    the connection is not taken for events (they used to follow a HEAD's head)."""
+    job_id = await initiate(client, [70000])
+    await finished(client, job_id)
+    events = f"/v1/download/{job_id}/events".encode()
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"HEAD " + events + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:300]
+    assert b"content-type: text/event-stream" in head.lower()
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:300]
+    assert b'"healthy"' in rest
+    missing = await send(client, "HEAD", b"/v1/download/" + str(uuid.uuid4()).encode() + b"/events")
+    assert 404 == missing.status
+
+
+@pytest.mark.parametrize("host", [b"a:b:c", b"x\x80y", b"ok.example:99999"])
+async def test_a_start_with_a_host_that_is_not_one_is_400_and_starts_nothing(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, host: bytes
+) -> None:
+    """/start builds its download URL from the Host: one that is no host is refused
+    before any job starts (it was a 500 once the job had run)."""
+    body = b'{"file_id": 70000}'
+    request = (
+        b"POST /v1/download/start HTTP/1.1\r\nHost: " + host + b"\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    assert client.server.port is not None
+
+    response = await rawhttp.send(client.server.port, request)
+
+    assert 400 == response.status, response.body
+    assert "Host" in response.json()["detail"]
+    assert 0 == job_count(client)
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example.com", "a..example.com"])
+async def test_a_callback_host_that_is_no_dns_name_is_400(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, host: str
+) -> None:
+    """A callback URL whose host has a label over 63 characters (or an empty one) is a
+    400 on callbackUrl, not a 500 from the resolver."""
+    response = await client.post(
+        "/v1/download/initiate", json={"file_ids": [70000], "callbackUrl": f"http://{host}/"}
+    )
+
+    assert 400 == response.status, await response.text()
+    assert ["callbackUrl"] == [e["field"] for e in (await response.json())["errors"]]
+    assert 0 == job_count(client)
+    assert_no_traceback(caplog)
+
+
+async def test_a_ui_file_name_too_long_for_the_filesystem_is_404(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """/ui/<300 characters>.js is a 404 problem (the filesystem's ENAMETOOLONG was a 500)."""
+    response = await client.get("/ui/" + "a" * 300 + ".js")
+
+    assert 404 == response.status
+    assert "application/problem+json" == response.content_type
     assert_no_traceback(caplog)

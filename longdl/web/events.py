@@ -73,6 +73,13 @@ EVENT_SCHEMA = {
     },
 }
 
+#: The head of every stream (and of the answer to a HEAD request).
+_STREAM_HEADERS = {
+    hdrs.CONTENT_TYPE: "text/event-stream",
+    hdrs.CACHE_CONTROL: "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+
 routes = web.RouteTableDef()
 
 
@@ -171,19 +178,18 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     watch = engine.hub.watch(job_id)
     try:
         job = await api.visible_job(request)
-        response = web.StreamResponse(
-            headers={
-                hdrs.CONTENT_TYPE: "text/event-stream",
-                hdrs.CACHE_CONTROL: "no-cache, no-transform",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
-        # Sent, and read by nothing again; a held stream would keep them (~3 KiB each).
-        response.headers.clear()
+        if request.method == hdrs.METH_HEAD:
+            # The head alone: events after it would be read as the next response on
+            # the connection.
+            return web.Response(headers=_STREAM_HEADERS)
+        response = web.StreamResponse(headers=_STREAM_HEADERS)
         stream = _Stream(request, response, seen_id or 0)
         # try/except, not contextlib.suppress: a held stream keeps no suppress object.
         try:
+            # The client may be gone before the head is sent, or at any write after.
+            await response.prepare(request)
+            # Sent, and read by nothing again; a held stream would keep them (~3 KiB each).
+            response.headers.clear()
             await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
             job_view = render.view(request, job)
             if job.status.finished or seen_id is None or seen_id < event_id(job):

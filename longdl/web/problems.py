@@ -196,8 +196,19 @@ def from_exception(request: web.Request, exc: Exception) -> web.Response:
 
 
 async def read_json(request: web.Request) -> bytes:
-    """The raw body of a JSON request; 415 for another media type."""
-    body = await request.read()
+    """The raw body of a JSON request; 415 for another media type, 400 for a body that
+    does not decode as its Content-Encoding says or that stopped short (its client left:
+    nothing to log)."""
+    try:
+        body = await request.read()
+    except web.RequestPayloadError as exc:
+        raise HTTPProblem(
+            400, "The request body does not decode as its Content-Encoding says"
+        ) from exc
+    except ConnectionError as exc:
+        raise HTTPProblem(
+            400, "The connection closed before the request body was complete"
+        ) from exc
     ctype = request.content_type
     if body and ctype not in ("application/json",) and not ctype.endswith("+json"):
         raise HTTPProblem(

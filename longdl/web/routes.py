@@ -447,6 +447,7 @@ async def start(request: web.Request) -> web.Response:
     else gets 202 and a URL to poll, unless they ask to wait with ``Prefer: wait=N``.
     """
     body = StartRequest.model_validate_json(await read_json(request))
+    origin = _origin(request)
     settings = request.app[keys.SETTINGS]
     prefs = parse_prefer(request.headers.getall("Prefer", []))
     local = policy.is_local_caller(request, settings.sync_origins)
@@ -457,7 +458,7 @@ async def start(request: web.Request) -> web.Response:
     job, applied = await wait_if_preferred(request, job, wait_s, prefs)
     headers = {hdrs.VARY: "Prefer", **applied}
     if job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
-        return json_response(await start_out(request, body.file_id, job), headers=headers)
+        return json_response(await start_out(request, origin, body.file_id, job), headers=headers)
     initiated = resource.initiate_dict(job)
     out = {
         **initiated,
@@ -468,8 +469,22 @@ async def start(request: web.Request) -> web.Response:
     return json_response(out, 202, {**accepted_headers(out, replayed), **headers})
 
 
-async def start_out(request: web.Request, file_id: int, job: Job) -> StartOut:
-    """A finished job in the original service's shape, with an absolute download URL."""
+def _origin(request: web.Request) -> URL:
+    """The origin the client addressed (its Host, or an absolute request target), which
+    the original shape's download URL is made absolute against.
+
+    Raises:
+        HTTPProblem: 400, it is not a valid host (checked before any job is started).
+    """
+    try:
+        return request.url.origin()
+    except ValueError as exc:  # UnicodeError too: a host the IDNA codec refuses
+        raise HTTPProblem(400, "The Host header is not a valid host") from exc
+
+
+async def start_out(request: web.Request, origin: URL, file_id: int, job: Job) -> StartOut:
+    """A finished job in the original service's shape, with a download URL made absolute
+    against ``origin``."""
     signed = await render.sign_result(request, job)
     finished_at = job.finished_at or job.updated_at
     processing_ms = int(max(0.0, finished_at - job.created_at) * 1000)
@@ -485,7 +500,7 @@ async def start_out(request: web.Request, file_id: int, job: Job) -> StartOut:
         )
     url = signed.url
     if url.startswith("/"):
-        url = str(request.url.origin().join(URL(url, encoded=True)))
+        url = str(origin.join(URL(url, encoded=True)))
     return StartOut(
         file_id=file_id,
         status="completed",

@@ -51,7 +51,11 @@ def static_file(relative: str) -> Path:
     if not _SAFE_PATH.match(relative) or Path(relative).suffix not in CONTENT_TYPES:
         raise web.HTTPNotFound()
     path = (STATIC_DIR / relative).resolve()
-    if not path.is_relative_to(STATIC_DIR) or not path.is_file():
+    try:
+        found = path.is_relative_to(STATIC_DIR) and path.is_file()
+    except OSError:  # a name too long for the filesystem, say
+        found = False
+    if not found:
         raise web.HTTPNotFound()
     return path
 
