@@ -63,6 +63,38 @@ async def test_status_has_etag_and_304_when_unchanged(client: TestClient[Any, An
     assert tag == again.headers["ETag"]
 
 
+@pytest.mark.parametrize("form", ["*", "strong", "listed"])
+async def test_if_none_match_compares_as_rfc_9110_says(
+    client: TestClient[Any, Any], form: str
+) -> None:
+    """If-None-Match is 304 for ``*``, for the tag without its ``W/`` (the weak
+    comparison), and for the tag among others; another tag is a 200."""
+    job_id = await initiate(client, [70000])
+    await finished(client, job_id)
+    tag = (await client.get(f"/v1/download/status/{job_id}")).headers["ETag"]
+    assert tag.startswith('W/"')
+    header = {"*": "*", "strong": tag.removeprefix("W/"), "listed": f'"other", {tag}'}[form]
+
+    matched = await client.get(f"/v1/download/status/{job_id}", headers={"If-None-Match": header})
+    other = await client.get(f"/v1/download/status/{job_id}", headers={"If-None-Match": '"x"'})
+
+    assert (304, 200) == (matched.status, other.status)
+
+
+async def test_a_long_poll_with_if_none_match_star_waits(make_client: AppFactory) -> None:
+    """``If-None-Match: *`` names whatever the job is now: the long-poll waits for a
+    change (it answered 200 at once) and, with none, ends with 304."""
+    client, stepper, job_id = await stepper_job(make_client, long_poll_max_s=0.5)
+
+    response = await client.get(
+        f"/v1/download/status/{job_id}?wait=20", headers={"If-None-Match": "*"}
+    )
+
+    assert 304 == response.status
+    stepper.done.set()
+    stepper.step.set()
+
+
 async def test_unfinished_job_has_poll_hints(make_client: AppFactory) -> None:
     """While a job runs, Retry-After and nextPollInMs tell the client when to come back."""
     client, stepper, job_id = await stepper_job(make_client)

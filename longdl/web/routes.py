@@ -588,7 +588,7 @@ async def status(request: web.Request) -> web.StreamResponse:
             watch is not None
             and not job.status.finished
             and not engine.stopping
-            and client_tag in (None, job_view.etag)
+            and (client_tag is None or none_match(client_tag, job_view.etag))
         ):
             # Wait up to wait_s until the job differs from what the client holds, then
             # read it. A wake-up that changed nothing the client sees (a notification of
@@ -621,9 +621,20 @@ def _status_answer(
     client's If-None-Match names its ETag."""
     tag = job_view.etag
     client_tag = request.headers.get(hdrs.IF_NONE_MATCH)
-    if client_tag is not None and tag in (t.strip() for t in client_tag.split(",")):
+    if client_tag is not None and none_match(client_tag, tag):
         return web.Response(status=304, headers=poll_headers(job, tag))
     return _job_answer(job, job_view, data)
+
+
+def none_match(header: str, tag: str) -> bool:
+    """Whether an If-None-Match ``header`` names ``tag`` (RFC 9110, 13.1.2): ``*``, or
+    one of its tags under the weak comparison, which ignores ``W/``."""
+    if header == tag:
+        return True  # what a polling client sends back
+    opaque = tag.removeprefix("W/")
+    return any(
+        t == "*" or t.removeprefix("W/") == opaque for t in (t.strip() for t in header.split(","))
+    )
 
 
 def _live_view(
