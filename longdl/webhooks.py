@@ -258,6 +258,8 @@ def static_refusal(url: str, settings: Settings) -> str | None:
     host = parsed.host
     if not host:
         return "it has no host"
+    if parsed.port == 0:
+        return "port 0 cannot be connected to"
     if is_allowed(host, settings):
         return None
     name = _normal_host(host)

@@ -487,14 +487,18 @@ async def test_a_start_with_a_host_that_is_not_one_is_400_and_starts_nothing(
     assert_no_traceback(caplog)
 
 
-@pytest.mark.parametrize("host", ["a" * 64 + ".example.com", "a..example.com"])
+@pytest.mark.parametrize(
+    "authority", ["a" * 64 + ".example.com", "a..example.com", "example.com:0"]
+)
 async def test_a_callback_host_that_is_no_dns_name_is_400(
-    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, host: str
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, authority: str
 ) -> None:
     """A callback URL whose host has a label over 63 characters (or an empty one) is a
-    400 on callbackUrl, not a 500 from the resolver."""
+    400 on callbackUrl, not a 500 from the resolver; so is one on port 0, which no
+    delivery could reach."""
     response = await client.post(
-        "/v1/download/initiate", json={"file_ids": [70000], "callbackUrl": f"http://{host}/"}
+        "/v1/download/initiate",
+        json={"file_ids": [70000], "callbackUrl": f"http://{authority}/"},
     )
 
     assert 400 == response.status, await response.text()
