@@ -316,6 +316,22 @@ async def test_reconnect_after_the_end_still_gets_the_outcome(client: TestClient
     assert [("snapshot", "completed")] == [(m.event, m.job["status"]) for m in again]
 
 
+async def test_resuming_from_the_largest_id_gets_ids_it_can_resume_from(
+    client: TestClient[Any, Any],
+) -> None:
+    """Resumed from 9999999999999999999 (19 digits, the most an id has), a stream sends
+    no id past it: it sent 10000000000000000000, which it then refused as a Last-Event-ID."""
+    job_id = await initiate(client, [70000])
+    await finished(client, job_id)
+    largest = "9" * 19
+
+    async with client.get(events_url(job_id), headers={"Last-Event-ID": largest}) as response:
+        sent = [m for m in await all_messages(response) if m.data is not None]
+    assert [largest] == [m.id for m in sent]
+    async with client.get(events_url(job_id), headers={"Last-Event-ID": sent[0].id}) as again:
+        assert 200 == again.status
+
+
 # --- idle streams and limits ----------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ RECONNECT_MS = 1000
 
 #: What an event id looks like; Last-Event-ID values outside it are refused (400).
 EVENT_ID_PATTERN = "^[0-9]{1,19}$"
+MAX_EVENT_ID = 10**19 - 1
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
 EVENT_ID_SCHEMA = {"type": "string", "pattern": EVENT_ID_PATTERN}
 #: Last-Event-ID as a client sends it: an id, or empty for none (as EventSource resets it).
@@ -127,7 +128,9 @@ class _Stream:
         self.last_id = last_id
 
     async def send(self, event: str, job: Job, job_view: View) -> None:
-        self.last_id = max(self.last_id + 1, event_id(job))
+        # Capped: a client that resumed from the largest id the pattern allows must not
+        # be sent one it would be refused for resuming from.
+        self.last_id = min(max(self.last_id + 1, event_id(job)), MAX_EVENT_ID)
         out = await render.job_body(self.request, job, job_view)
         await self.response.write(frame(event, self.last_id, render.dumps(out)))
 
