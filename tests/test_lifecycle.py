@@ -9,6 +9,7 @@ made by another process.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import sqlite3
@@ -501,6 +502,40 @@ async def test_a_job_taken_over_writes_no_bundle_before_it_hears(make_client: Ap
     assert JobStatus.RUNNING == stored.status  # the new holder's, untouched
     assert None is await client.app[keys.STORAGE].head(f"bundles/{job_id}.txt")
     assert (1, False) == (job.runs, job.went_on)
+
+
+async def test_a_stalled_writer_waking_late_cannot_touch_the_result_of_its_takeover(
+    make_client: AppFactory,
+) -> None:
+    """A bundle written by the run that took a job over (after a stall) survives what
+    the stalled run does with its own bundle when it wakes: rename it into place, or
+    undo that rename, before it hears it lost the job. (Both runs wrote
+    bundles/{job_id}.zip: a chaos run found the completed job's file gone, 8 of 8.)"""
+    hold = asyncio.Event()
+
+    async def blocker(ctx: JobContext) -> Artifact:
+        await hold.wait()
+        return Artifact(key="sources/none", filename="none", size_bytes=0, owned=False)
+
+    client = await make_client(handlers={"block": blocker}, worker_concurrency=1)
+    await submit(client, "block")
+    response = await client.post("/v1/download/initiate", json={"file_ids": [70000, 70007]})
+    job_id = (await response.json())["jobId"]
+    # Taken over once: what a rescue of the stalled (or dead) first run leaves.
+    with sqlite3.connect(client.app[keys.SETTINGS].database_path) as conn:
+        conn.execute("UPDATE jobs SET stalls = 1 WHERE id = ?", (job_id,))
+    hold.set()
+    body = await finished(client, job_id)
+    assert "completed" == body["status"]
+
+    stale = client.app[keys.SETTINGS].storage_dir / "bundles" / f"{job_id}.zip"
+    stale.write_bytes(b"the stalled run's bundle, renamed into place late")
+    stale.unlink()  # and its undo, for a cancel that came during the rename
+
+    redirect = await client.get(f"/v1/download/{job_id}", allow_redirects=False)
+    download = await client.get(redirect.headers["Location"])
+    assert 200 == download.status
+    assert hashlib.sha256(await download.read()).hexdigest() == body["result"]["sha256"]
 
 
 async def test_stop_gives_back_a_job_claimed_but_never_started(

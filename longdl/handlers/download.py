@@ -1,7 +1,8 @@
 """The built-in ``download`` job: resolve source files, then pass one through or bundle many.
 
 Sources live at ``downloads/{file_id}.zip`` (the original service's layout); bundles are
-written to ``bundles/{job_id}.zip``.
+written to ``bundles/{job_id}.zip`` (by a run that took the job over from a stalled one,
+``bundles/{job_id}.{stalls}.zip``: see :func:`bundle_key`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ def source_key(file_id: int) -> str:
     return f"downloads/{file_id}.zip"
 
 
-def bundle_key(job_id: str) -> str:
-    return f"bundles/{job_id}.zip"
+def bundle_key(job_id: str, stalls: int = 0) -> str:
+    """Where a run of the job writes its bundle: ``bundles/{job_id}.zip``, and for a run
+    that took the job over from a stalled or dead worker (the job's ``stalls``),
+    ``bundles/{job_id}.{stalls}.zip``. A stalled writer that wakes up may still rename
+    its bundle into place, or undo that rename, before it hears it lost the job: under
+    its own name, it cannot replace or delete the result of the run that took over."""
+    return f"bundles/{job_id}.zip" if not stalls else f"bundles/{job_id}.{stalls}.zip"
 
 
 def simulated_delay_s(ctx: JobContext) -> float:
@@ -132,7 +138,7 @@ async def _bundle(
     members = [
         ZipMember(f"{file_id}.zip", source_key(file_id), sizes[file_id]) for file_id in file_ids
     ]
-    key = bundle_key(ctx.job_id)
+    key = bundle_key(ctx.job_id, ctx.job.stalls)
     try:
         written = await ctx.storage.write_zip(key, members, on_progress)
     except exceptions.ObjectNotFound as exc:
