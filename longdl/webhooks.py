@@ -537,6 +537,11 @@ class WebhookWorker:
             try:
                 await self._start_due(concurrency - len(self._in_flight))
                 next_at = await self.store.next_webhook_attempt_at()
+            except exceptions.StoreUnavailable as exc:
+                # The database is away (restarting, locked): a line each time, not a
+                # traceback a second for as long as it lasts.
+                log.warning("reading webhook deliveries failed: %r; retrying in 1 s", exc)
+                next_at = self._clock() + 1
             except Exception:
                 log.exception("reading webhook deliveries failed; retrying in 1 s")
                 next_at = self._clock() + 1

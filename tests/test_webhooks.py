@@ -9,9 +9,11 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -451,6 +453,36 @@ async def test_gone_receiver_stops_retries(make_client: AppFactory, receiver: Re
     job_id = await initiate(client, [70000], callbackUrl=receiver.url)
     delivery = await delivery_when(client, job_id, "failed")
     assert (1, 410) == (len(receiver.requests), delivery.last_status_code)
+
+
+async def test_a_locked_database_is_a_warning_line_for_the_webhook_worker(
+    make_client: AppFactory, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the database cannot be written (locked here; PostgreSQL restarting in a
+    cluster), the webhook worker logs a warning line each time it tries, not an ERROR
+    with a traceback every second; the delivery goes out once it is back."""
+    receiver.default = 500
+    client = await make_client(
+        db_busy_timeout_ms=50,
+        **hook_settings(webhook_retry_base_ms=200, webhook_retry_max_ms=200),
+    )
+    job_id = await initiate(client, [70000], callbackUrl=receiver.url)
+    await wait_for(lambda: _async(len(receiver.requests) >= 1))
+    locker = sqlite3.connect(client.app[keys.SETTINGS].database_path, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+
+        def failed_reads() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "webhook deliveries failed" in r.getMessage()]
+
+        await wait_for(lambda: _async(failed_reads()))
+        receiver.default = 204
+    finally:
+        locker.rollback()
+        locker.close()
+    await delivery_when(client, job_id, "delivered")
+
+    assert {(logging.WARNING, None)} == {(r.levelno, r.exc_info) for r in failed_reads()}
 
 
 async def test_restart_mid_retry_still_delivers(
