@@ -134,6 +134,9 @@ _DATABASE_ERRORS = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.InterfaceError,
+    # "cannot switch to state ...; another operation is in progress": a connection the
+    # server ended mid-operation (seen after PostgreSQL restarts under load).
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,
