@@ -200,6 +200,28 @@ async def test_a_replica_whose_connections_are_gone_is_dead(
     assert [job_id] == [job.id for job in rescued.requeued]
 
 
+async def test_a_replica_dropped_after_missing_its_beats_is_live_again_at_its_next(
+    replicas: list[PostgresStore], database_url: str
+) -> None:
+    """A replica that missed its heartbeats (paused, starved) is taken for dead and
+    dropped by another's rescue; its next heartbeat registers it again. (It stayed dead
+    to the others for good: they took its jobs and its part files at every rescue.)"""
+    paused = replicas[1]
+    await paused.register_worker(WorkerInfo("r1", "host", 1))
+    await replicas[0].register_worker(WorkerInfo("r0", "host", 1))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE workers SET heartbeat_at = 0 WHERE id = 'r1'")
+    finally:
+        await conn.close()
+    await replicas[0].rescue_stalled(max_stalls=2, ttl_s=60, exclude_worker="r0")
+    assert "r1" not in await replicas[0].live_workers()
+
+    await paused.heartbeat("r1", 30, {})
+
+    assert "r1" in await replicas[0].live_workers()
+
+
 async def test_a_dead_replicas_webhook_deliveries_are_due_at_once(
     replicas: list[PostgresStore],
 ) -> None:

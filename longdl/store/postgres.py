@@ -357,8 +357,9 @@ class PostgresStore(base.SQLStore):
         self._vacuum_task: asyncio.Task[None] | None = None
         #: Writes since the kept counts were last vacuumed.
         self._writes = 0
-        #: Workers registered through this store: alive while it is open.
-        self._registered: set[str] = set()
+        #: Workers registered through this store: alive while it is open, and registered
+        #: again by their heartbeats should a rescue have dropped them.
+        self._registered: dict[str, WorkerInfo] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -614,11 +615,11 @@ class PostgresStore(base.SQLStore):
     async def register_worker(self, worker: WorkerInfo) -> None:
         params = {"id": worker.id, "host": worker.host, "pid": worker.pid, "now": self._clock()}
         await self._write(lambda conn: _execute(conn, "register_worker", params))
-        self._registered.add(worker.id)
+        self._registered[worker.id] = worker
 
     async def unregister_worker(self, worker_id: str) -> None:
         await self._write(lambda conn: _execute(conn, "unregister_worker", {"id": worker_id}))
-        self._registered.discard(worker_id)
+        self._registered.pop(worker_id, None)
 
     async def _worker_liveness(self) -> tuple[list[str], set[str]]:
         """Registered worker ids, and those alive: a fresh heartbeat, and (when this
@@ -672,7 +673,15 @@ class PostgresStore(base.SQLStore):
             held = await _fetch(
                 conn, "renew_leases", {"worker_id": worker_id, "lease_until": now + lease_s}
             )
-            await _execute(conn, "beat", {"id": worker_id, "now": now})
+            worker = self._registered.get(worker_id)
+            if worker is None:
+                await _execute(conn, "beat", {"id": worker_id, "now": now})
+            else:
+                # Registered again if another replica's rescue dropped it (it missed its
+                # beats for a while, paused or starved): else it stays dead to them for
+                # good, and they take its jobs and part files at every rescue and scan.
+                params = {"id": worker.id, "host": worker.host, "pid": worker.pid, "now": now}
+                await _execute(conn, "register_worker", params)
             return Heartbeat(frozenset(row["id"] for row in held))
 
         return await self._write(unit)
