@@ -3,16 +3,17 @@ reverse, reached through the typed keys of :mod:`longdl.web.keys`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
+from longdl import exceptions, webhooks
 from longdl import handlers as builtin_handlers
 from longdl import storage as storage_backends
 from longdl import store as stores
-from longdl import webhooks
 from longdl.config import Settings, check_replica_secrets
 from longdl.engine import Engine, Handler, new_worker_id
 from longdl.web import (
@@ -29,6 +30,30 @@ from longdl.web import (
 )
 
 log = logging.getLogger("longdl")
+
+#: How long start-up waits for a database it cannot reach (a replica started while
+#: PostgreSQL restarts, or before it is up), trying again with growing pauses.
+STORE_OPEN_WAIT_S = 60.0
+
+
+async def open_when_reachable(store: stores.Store, wait_s: float = STORE_OPEN_WAIT_S) -> None:
+    """Open ``store``, waiting up to ``wait_s`` for a database that is away.
+
+    Raises:
+        exceptions.StoreUnavailable: still away after ``wait_s``.
+    """
+    deadline = time.monotonic() + wait_s
+    pause_s = 0.25
+    while True:
+        try:
+            await store.open()
+            return
+        except exceptions.StoreUnavailable as exc:
+            if time.monotonic() + pause_s > deadline:
+                raise
+            log.warning("store.unavailable at start-up: %s; trying again in %.2g s", exc, pause_s)
+        await asyncio.sleep(pause_s)
+        pause_s = min(pause_s * 2, 5.0)
 
 
 def create_app(
@@ -67,7 +92,7 @@ def create_app(
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         check_replica_secrets(settings)
         store = stores.from_settings(settings, worker_id)
-        await store.open()
+        await open_when_reachable(store)
         app[keys.STORE] = store
         yield
         await store.close()

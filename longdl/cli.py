@@ -366,3 +366,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except exceptions.InvalidSecret as exc:  # found at start-up, before the port is bound
         print(f"longdl: {exc}", file=sys.stderr)
         return 2
+    except exceptions.StoreUnavailable as exc:  # still away after the start-up wait
+        print(f"longdl: the database is unavailable: {exc}", file=sys.stderr)
+        return 1

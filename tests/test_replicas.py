@@ -16,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate, wait_for
 from pgserver import PostgresServer
+from service import free_port
 from test_lifecycle import job_at_gate, status_of, write_failed
 
 from longdl.engine import Artifact, JobContext
@@ -165,3 +166,55 @@ async def test_replicas_need_shared_secrets(
     refuses to start, saying why."""
     with pytest.raises(ValueError, match="SIGNING_SECRET"):
         await make_client(database_url=database_url, data_dir=tmp_path / "x")
+
+
+async def test_a_replica_started_while_postgres_is_away_waits_for_it(
+    make_client: AppFactory, database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica started while PostgreSQL cannot be reached (restarting, not up yet)
+    logs a warning line per try and starts once it is back (it exited with a traceback).
+    The way to it here is a TCP port that refuses until a forwarder to the server's
+    socket opens on it."""
+    socket_path = _server_socket(database_url)
+    port = free_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}{urllib.parse.urlsplit(database_url).path}"
+    starting = asyncio.ensure_future(replica(make_client, url, tmp_path, "a"))
+
+    async def tried() -> bool:
+        return any("store.unavailable at start-up" in r.getMessage() for r in caplog.records)
+
+    await wait_for(tried, 20)
+    assert not starting.done()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(socket_path)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    forwarder = await asyncio.start_server(forward, "127.0.0.1", port)
+    try:
+        client = await asyncio.wait_for(starting, 30)
+        assert 200 == (await client.get("/health")).status
+        job_id = await initiate(client, [70000])
+        assert "completed" == (await finished(client, job_id))["status"]
+        await client.close()
+    finally:
+        forwarder.close()
+    warnings = [r for r in caplog.records if "at start-up" in r.getMessage()]
+    assert {(logging.WARNING, None)} == {(r.levelno, r.exc_info) for r in warnings}
+
+
+def _server_socket(database_url: str) -> str:
+    """The Unix socket the session's PostgreSQL listens on (its URL's ``host`` folder)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(database_url).query)
+    (path,) = (p for p in Path(query["host"][0]).glob(".s.PGSQL.*") if p.suffix != ".lock")
+    return str(path)
