@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,6 +131,27 @@ async def finished(
         return body if body["status"] in ("completed", "failed", "canceled", "expired") else None
 
     return await wait_for(probe, timeout_s)
+
+
+#: A bundle's file name: bundles/{job_id}.zip, or {job_id}.{stalls}.zip when written by a
+#: run that took the job over from a stalled or dead one.
+BUNDLE_NAME = re.compile(r"^([0-9a-f-]{36})(?:\.[0-9]+)?\.zip$")
+
+
+def bundles_by_job(names: Iterable[str], trashed: Iterable[str] = ()) -> dict[str, str]:
+    """The bundle file of each job among the file ``names`` of bundles/, leaving out
+    the keys waiting in the trash (a run cut after its rename, before it completed,
+    whose bundle the run that took over trashes); fails on a job with two."""
+    waiting = {key.removeprefix("bundles/") for key in trashed}
+    found: dict[str, str] = {}
+    for name in names:
+        if name in waiting:
+            continue
+        match = BUNDLE_NAME.match(name)
+        assert match is not None, name
+        assert match[1] not in found, (name, found.get(match[1]))
+        found[match[1]] = name
+    return found
 
 
 # A real S3 server (SeaweedFS) and a real PostgreSQL for the tests that ask for them;

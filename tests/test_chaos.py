@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Receiver, wait_for
+from conftest import Receiver, bundles_by_job, wait_for
 from service import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -135,7 +135,9 @@ async def test_kill_9_five_times_loses_nothing(
     await wait_for(all_delivered, 60, interval_s=0.1)
     states = rows(proc.data_dir)
     storage = proc.data_dir / "storage"
-    bundles = sorted(p.name for p in (storage / "bundles").iterdir())
+    with sqlite3.connect(proc.data_dir / "longdl.sqlite3") as conn:
+        trashed = [key for (key,) in conn.execute("SELECT key FROM trash")]
+    bundles = bundles_by_job((p.name for p in (storage / "bundles").iterdir()), trashed)
     completions = Counter(re.findall(r"job\.completed job_id=(\S+)", proc.log()))
     ids_per_job: dict[str, set[str]] = defaultdict(set)
     for webhook_id, job_id in recorder.deliveries:
@@ -143,7 +145,7 @@ async def test_kill_9_five_times_loses_nothing(
 
     context = f"seed {SEED}"
     assert {"completed": JOBS} == dict(Counter(s for s, *_ in states.values())), context
-    assert sorted(f"{job_id}.zip" for job_id in job_files) == bundles, context
+    assert sorted(job_files) == sorted(bundles), context
     assert [] == sorted(storage.rglob(".*.part")), context
     # A kill may land between a completion's commit and its log line: never two, though.
     assert {1} == set(completions.values()) and set(completions) <= set(job_files), context
@@ -152,7 +154,7 @@ async def test_kill_9_five_times_loses_nothing(
     assert {1} == {len(ids) for ids in ids_per_job.values()}, context
     sample = rand.sample(sorted(job_files), 20)
     for job_id in job_files:
-        with zipfile.ZipFile(storage / "bundles" / f"{job_id}.zip") as archive:
+        with zipfile.ZipFile(storage / "bundles" / bundles[job_id]) as archive:
             sizes = [info.file_size for info in archive.infolist()]
             assert [SOURCES[f] for f in job_files[job_id]] == sizes, (context, job_id)
             if job_id in sample:

