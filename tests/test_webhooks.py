@@ -485,6 +485,26 @@ async def test_a_locked_database_is_a_warning_line_for_the_webhook_worker(
     assert {(logging.WARNING, None)} == {(r.levelno, r.exc_info) for r in failed_reads()}
 
 
+async def test_a_delivery_cut_by_a_stop_goes_out_at_the_next_start(
+    make_client: AppFactory, receiver: Receiver
+) -> None:
+    """A delivery in flight when its app stops (cut at the end of the shutdown grace)
+    goes out as soon as the next app on the same data starts, not once its lease runs
+    out (2 x WEBHOOK_TIMEOUT_S + 5 s, 25 s here): the stop leaves its worker's row gone,
+    so no rescue would ever find the lease."""
+    receiver.stall = asyncio.Event()
+    first = await make_client(**hook_settings())
+    job_id = await initiate(first, [70000], callbackUrl=receiver.url)
+    await wait_for(lambda: _async(receiver.stalled == 1))
+    await first.close()
+    receiver.stall.set()
+
+    second = await make_client(**hook_settings())
+
+    delivery = await delivery_when(second, job_id, "delivered", timeout_s=10)
+    assert [delivery.id] == [r.headers["webhook-id"] for r in receiver.acknowledged()]
+
+
 async def test_restart_mid_retry_still_delivers(
     make_client: AppFactory, receiver: Receiver
 ) -> None:

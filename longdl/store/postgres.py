@@ -618,7 +618,15 @@ class PostgresStore(base.SQLStore):
         self._registered[worker.id] = worker
 
     async def unregister_worker(self, worker_id: str) -> None:
-        await self._write(lambda conn: _execute(conn, "unregister_worker", {"id": worker_id}))
+        now = self._clock()
+
+        async def unit(conn: asyncpg.Connection) -> None:
+            # Deliveries its stop cut short are due now: with its row gone, no rescue
+            # would find their leases, and they would wait for them to run out.
+            await _execute(conn, "drop_webhook_leases_of", {"worker_id": worker_id, "now": now})
+            await _execute(conn, "unregister_worker", {"id": worker_id})
+
+        await self._write(unit)
         self._registered.pop(worker_id, None)
 
     async def _worker_liveness(self) -> tuple[list[str], set[str]]:

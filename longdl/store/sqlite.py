@@ -674,7 +674,15 @@ class SQLiteStore(base.SQLStore):
         )
 
     async def unregister_worker(self, worker_id: str) -> None:
-        await self._write(lambda conn: conn.execute(Q["unregister_worker"], {"id": worker_id}))
+        now = self._clock()
+
+        def unit(conn: sqlite3.Connection) -> None:
+            # Deliveries its stop cut short are due now: with its row gone, no rescue
+            # would find their leases, and they would wait for them to run out.
+            conn.execute(Q["drop_webhook_leases_of"], {"worker_id": worker_id, "now": now})
+            conn.execute(Q["unregister_worker"], {"id": worker_id})
+
+        await self._write(unit)
         await asyncio.to_thread(self._locks.release, worker_id)
 
     async def live_workers(self) -> set[str]:
