@@ -636,6 +636,7 @@ class Engine:
         if self.settings.worker_concurrency and not self._slots.locked():
             offer = _SlotOffer(self)
             claim = Claim(self.worker_id, self.settings.lease_s, offer.claimed)
+        claimed = False
         try:
             inserted = await self.store.insert_job(
                 new,
@@ -644,14 +645,13 @@ class Engine:
                 limits=Limits(self.settings.max_queued, self.settings.max_active_per_user),
                 claim=claim,
             )
-        except BaseException:
-            if offer is not None:
-                # Refused, failed, or given up on with its outcome unknown: should it
-                # still commit claimed, _claimed_at_insert finds a slot or gives it back.
+            claimed = not inserted.replayed and inserted.job.status is not JobStatus.QUEUED
+        finally:
+            if offer is not None and not claimed:
+                # Queued behind others, replayed, refused, failed, or given up on with its
+                # outcome unknown: should that one still commit claimed,
+                # _claimed_at_insert finds a slot or gives it back.
                 offer.withdraw()
-            raise
-        if offer is not None and (inserted.replayed or inserted.job.status is JobStatus.QUEUED):
-            offer.withdraw()  # something else was waiting: it went to the queue
         if inserted.replayed:
             if inserted.request_hash != request_hash:
                 raise exceptions.IdempotencyMismatch(
