@@ -619,14 +619,7 @@ class PostgresStore(base.SQLStore):
 
     async def unregister_worker(self, worker_id: str) -> None:
         now = self._clock()
-
-        async def unit(conn: asyncpg.Connection) -> None:
-            # Deliveries its stop cut short are due now: with its row gone, no rescue
-            # would find their leases, and they would wait for them to run out.
-            await _execute(conn, "drop_webhook_leases_of", {"worker_id": worker_id, "now": now})
-            await _execute(conn, "unregister_worker", {"id": worker_id})
-
-        await self._write(unit)
+        await self._write(lambda conn: _forget_worker(conn, worker_id, now))
         self._registered.pop(worker_id, None)
 
     async def _worker_liveness(self) -> tuple[list[str], set[str]]:
@@ -705,9 +698,7 @@ class PostgresStore(base.SQLStore):
             webhooks_due = 0
             for worker_id in dead:
                 await _execute(conn, "drop_leases_of", {"worker_id": worker_id})
-                params = {"worker_id": worker_id, "now": now}
-                webhooks_due += len(await _fetch(conn, "drop_webhook_leases_of", params))
-                await _execute(conn, "unregister_worker", {"id": worker_id})
+                webhooks_due += await _forget_worker(conn, worker_id, now)
             await _execute(conn, "forget_stale_workers", {"before": now - WORKER_ROW_TTL_S})
             rescued = Rescued(webhooks_due=webhooks_due)
             stalled = await _fetch(
@@ -911,3 +902,13 @@ async def _fetchrow(conn: asyncpg.Connection, name: str, params: Mapping[str, An
 async def _execute(conn: asyncpg.Connection, name: str, params: Mapping[str, Any]) -> None:
     statement = S[name]
     await conn.execute(statement.sql, *statement.args(params))
+
+
+async def _forget_worker(conn: asyncpg.Connection, worker_id: str, now: float) -> int:
+    """Delete a worker's row (its stop, or a rescue finding it dead), making the webhook
+    deliveries it had leased due now: with the row gone, no rescue would find their
+    leases, and they would wait for them to run out. How many were made due."""
+    params = {"worker_id": worker_id, "now": now}
+    due = len(await _fetch(conn, "drop_webhook_leases_of", params))
+    await _execute(conn, "unregister_worker", {"id": worker_id})
+    return due

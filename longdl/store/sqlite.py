@@ -675,14 +675,7 @@ class SQLiteStore(base.SQLStore):
 
     async def unregister_worker(self, worker_id: str) -> None:
         now = self._clock()
-
-        def unit(conn: sqlite3.Connection) -> None:
-            # Deliveries its stop cut short are due now: with its row gone, no rescue
-            # would find their leases, and they would wait for them to run out.
-            conn.execute(Q["drop_webhook_leases_of"], {"worker_id": worker_id, "now": now})
-            conn.execute(Q["unregister_worker"], {"id": worker_id})
-
-        await self._write(unit)
+        await self._write(lambda conn: _forget_worker(conn, worker_id, now))
         await asyncio.to_thread(self._locks.release, worker_id)
 
     async def live_workers(self) -> set[str]:
@@ -740,9 +733,7 @@ class SQLiteStore(base.SQLStore):
             webhooks_due = 0
             for worker_id in dead:
                 conn.execute(Q["drop_leases_of"], {"worker_id": worker_id})
-                params = {"worker_id": worker_id, "now": now}
-                webhooks_due += conn.execute(Q["drop_webhook_leases_of"], params).rowcount
-                conn.execute(Q["unregister_worker"], {"id": worker_id})
+                webhooks_due += _forget_worker(conn, worker_id, now)
             conn.execute(Q["forget_stale_workers"], {"before": now - WORKER_ROW_TTL_S})
             rescued = Rescued(webhooks_due=webhooks_due)
             stalled = conn.execute(
@@ -903,6 +894,16 @@ class SQLiteStore(base.SQLStore):
             return row_to_delivery(row) if row else None
 
         return await self._write(unit)
+
+
+def _forget_worker(conn: sqlite3.Connection, worker_id: str, now: float) -> int:
+    """Delete a worker's row (its stop, or a rescue finding it dead), making the webhook
+    deliveries it had leased due now: with the row gone, no rescue would find their
+    leases, and they would wait for them to run out. How many were made due."""
+    params = {"worker_id": worker_id, "now": now}
+    due: int = conn.execute(Q["drop_webhook_leases_of"], params).rowcount
+    conn.execute(Q["unregister_worker"], {"id": worker_id})
+    return due
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[Job], None], job: Job) -> None:
