@@ -19,6 +19,7 @@ import pytest
 import rawhttp
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from service import ServiceProcess
 
 from longdl import exceptions
@@ -330,13 +331,13 @@ async def answered(service: ServiceProcess, method: str, route: str) -> dict[str
     metrics)."""
     async with aiohttp.ClientSession() as session, session.get(service.url + "/metrics") as got:
         text = await got.text()
-    prefix = f'longdl_http_request_duration_seconds_count{{method="{method}",route="{route}",'
-    counts = {}
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            labels, value = line.rsplit(" ", 1)
-            counts[labels.rsplit('status="', 1)[1].rstrip('"}')] = float(value)
-    return counts
+    return {
+        sample.labels["status"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "longdl_http_request_duration_seconds_count"
+        and (sample.labels["method"], sample.labels["route"]) == (method, route)
+    }
 
 
 async def cut_short(port: int, request: bytes, read_first: bool) -> None:
