@@ -45,7 +45,7 @@ class _Sink:
         self._parts: list[bytes] = []
         self._offset = 0
         self._emit = emit
-        #: Set while the caller writes the bytes itself (see ZipWriter.account).
+        #: Set once the archive is abandoned: nothing more is emitted.
         self.silent = False
 
     def write(self, data: bytes | memoryview) -> int:
@@ -106,15 +106,6 @@ class ZipWriter:
     def write(self, data: bytes | memoryview) -> bytes:
         self._feed(data)
         return self._sink.drain()
-
-    def account(self, data: bytes | memoryview) -> None:
-        """Take ``data`` into the entry (its CRC-32 and size) without emitting it: the
-        caller puts these bytes in the archive itself, at this point (a kernel copy)."""
-        self._sink.silent = True
-        try:
-            self._feed(data)
-        finally:
-            self._sink.silent = False
 
     def _feed(self, data: bytes | memoryview) -> None:
         """Take ``data`` into the entry (its CRC-32 and size) and hand it to the sink.

@@ -25,7 +25,6 @@ import pytest
 import yarl
 from conftest import test_settings, wait_for
 
-import longdl.storage.local as local_storage
 from longdl import exceptions
 from longdl.app import create_app
 from longdl.storage import LocalStorage, Storage, ZipMember, content_disposition
@@ -381,13 +380,8 @@ def _sources(storage: LocalStorage, sizes: list[int]) -> list[ZipMember]:
     return members
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "write"])
-async def test_local_bundle_is_a_valid_zip_with_its_sha256(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
-) -> None:
-    """The threaded bundle holds every source byte for byte, and its SHA-256 is right,
-    whether the kernel copies the data or (where it cannot) the buffers are written."""
-    monkeypatch.setattr(local_storage, "_KERNEL_COPY", kernel_copy)
+async def test_local_bundle_is_a_valid_zip_with_its_sha256(tmp_path: Path) -> None:
+    """The threaded bundle holds every source byte for byte, and its SHA-256 is right."""
     storage = LocalStorage(tmp_path, b"k" * 32)
     await storage.open()
     members = _sources(storage, [3 << 20, 1, 0, 5 << 20])
