@@ -61,7 +61,7 @@ from longdl.config import (
     webhook_key_bytes,
 )
 from longdl.models import Job, JobStatus, utc_iso
-from longdl.store import DeliveryStatus, Store, WebhookDelivery
+from longdl.store import WEBHOOKS_DUE, DeliveryStatus, Store, WebhookDelivery
 from longdl.web import keys
 
 log = logging.getLogger("longdl.webhooks")
@@ -523,8 +523,9 @@ class WebhookWorker:
             self._wakeup.set()
 
     def on_change_elsewhere(self, job_id: str, status: str) -> None:
-        """Store change listener: a job finished in any process may have a delivery."""
-        if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED):
+        """Store change listener: a job finished in any process may have a delivery, and
+        a process that stopped mid-attempt left its deliveries due."""
+        if status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED, WEBHOOKS_DUE):
             self._wakeup.set()
 
     # --- the loop ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from conftest import AppFactory, finished, initiate, wait_for
 from pgserver import PostgresServer
 from service import free_port
 from test_lifecycle import job_at_gate, status_of, write_failed
+from test_webhooks import delivery_when, hook_settings, start_receiver
 
 from longdl.engine import Artifact, JobContext
 from longdl.storage import LocalStorage
@@ -49,13 +50,9 @@ async def replica(
     make_client: AppFactory, database_url: str, tmp_path: Path, name: str, **overrides: Any
 ) -> TestClient[Any, Any]:
     storage = LocalStorage(tmp_path / "shared", SECRET.encode())
+    settings = {"signing_secret": SECRET, "webhook_secret": SECRET, **overrides}
     return await make_client(
-        database_url=database_url,
-        signing_secret=SECRET,
-        webhook_secret=SECRET,
-        data_dir=tmp_path / name,
-        storage=storage,
-        **overrides,
+        database_url=database_url, data_dir=tmp_path / name, storage=storage, **settings
     )
 
 
@@ -120,6 +117,42 @@ async def test_a_cancel_on_one_replica_stops_the_job_on_another(
     assert time.monotonic() - canceled_at < 1
     assert ["cancel"] == gate.stopped
     assert "canceled" == (await finished(a, job_id))["status"]
+
+
+async def test_a_delivery_cut_by_one_replica_stopping_goes_out_from_another_at_once(
+    make_client: AppFactory, database_url: str, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """The replica sending a webhook stops with the attempt in flight: the other, up and
+    idle, sends the delivery within seconds, not when the lease on it runs out
+    (2 x WEBHOOK_TIMEOUT_S + 5 s, 25 s here)."""
+    receiver = await start_receiver(aiohttp_server)
+    receiver.stall = asyncio.Event()
+    replicas = [
+        await replica(make_client, database_url, tmp_path, name, **hook_settings())
+        for name in ("a", "b")
+    ]
+    job_id = await initiate(replicas[0], [70000], callbackUrl=receiver.url)
+
+    async def in_flight() -> bool:
+        return receiver.stalled == 1
+
+    await wait_for(in_flight)
+    conn = await asyncpg.connect(database_url)
+    try:
+        sender = await conn.fetchval(
+            "SELECT lease_owner FROM webhook_deliveries WHERE job_id = $1", job_id
+        )
+    finally:
+        await conn.close()
+    [stopping] = [r for r in replicas if r.app[keys.ENGINE].worker_id == sender]
+    [other] = [r for r in replicas if r is not stopping]
+    await stopping.close()
+    stopped = time.monotonic()
+    receiver.stall.set()
+
+    delivery = await delivery_when(other, job_id, "delivered", timeout_s=10)
+    assert time.monotonic() - stopped < 5
+    assert [delivery.id] == [r.headers["webhook-id"] for r in receiver.acknowledged()]
 
 
 @pytest.mark.parametrize("write", ["status", "output"])

@@ -96,6 +96,11 @@ class Receiver:
 @pytest.fixture
 async def receiver(aiohttp_server: Any) -> Receiver:
     """A webhook receiver listening on 127.0.0.1."""
+    return await start_receiver(aiohttp_server)
+
+
+async def start_receiver(aiohttp_server: Any) -> Receiver:
+    """A webhook receiver on 127.0.0.1, served by pytest-aiohttp's ``aiohttp_server``."""
     recorder = Receiver()
     app = web.Application()
     app.router.add_post("/hook", recorder.handle)

@@ -238,6 +238,11 @@ class WorkerInfo:
     pid: int
 
 
+#: The status a change notification carries, with no job id, when webhook deliveries
+#: became due without a job changing.
+WEBHOOKS_DUE = "webhooks_due"
+
+
 @dataclass(frozen=True)
 class Rescued:
     """What one stall sweep did to jobs whose worker stopped renewing their lease."""
@@ -504,6 +509,8 @@ class Store(abc.ABC):
     ) -> None:
         """Call ``on_change(job_id, status)`` for every change another process commits
         (and this one's too), and ``on_reconnect()`` when changes may have been missed.
+        ``on_change("", WEBHOOKS_DUE)`` says webhook deliveries became due with no job
+        changing (a process stopped with attempts in flight).
 
         Backends without notifications never call them: processes sharing an SQLite
         file find each other's work by polling.

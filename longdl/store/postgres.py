@@ -907,8 +907,12 @@ async def _execute(conn: asyncpg.Connection, name: str, params: Mapping[str, Any
 async def _forget_worker(conn: asyncpg.Connection, worker_id: str, now: float) -> int:
     """Delete a worker's row (its stop, or a rescue finding it dead), making the webhook
     deliveries it had leased due now: with the row gone, no rescue would find their
-    leases, and they would wait for them to run out. How many were made due."""
+    leases, and they would wait for them to run out. Every replica hears of them (a
+    stopping one cannot send them). How many were made due."""
     params = {"worker_id": worker_id, "now": now}
     due = len(await _fetch(conn, "drop_webhook_leases_of", params))
     await _execute(conn, "unregister_worker", {"id": worker_id})
+    if due:
+        payload = f" {base.WEBHOOKS_DUE}"  # no job: see add_change_listener
+        await _execute(conn, "notify_webhooks_due", {"channel": CHANNEL, "payload": payload})
     return due

@@ -63,6 +63,10 @@ VALUES (:id, :host, :pid, :now, :now)
 -- name: unregister_worker
 DELETE FROM workers WHERE id = :id;
 
+-- name: notify_webhooks_due
+-- Sent at commit: the other replicas' webhook workers look for due deliveries now.
+SELECT pg_notify(:channel, :payload);
+
 -- name: workers
 SELECT id, heartbeat_at FROM workers;
 
