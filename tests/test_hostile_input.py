@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import logging
 import socket
 import sqlite3
@@ -127,6 +128,117 @@ async def test_an_idempotency_key_that_is_not_printable_ascii_is_400(
     assert "VALIDATION_ERROR" == response.json()["code"]
     assert 0 == job_count(client)
     assert_no_traceback(caplog)
+
+
+async def test_two_idempotency_keys_are_400(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two Idempotency-Key lines: which one keys the job would be a guess (the first was
+    taken, and a retry sent through a proxy that kept the other made a second job)."""
+    response = await send(
+        client,
+        "POST",
+        b"/v1/download/initiate",
+        [
+            (b"Content-Type", b"application/json"),
+            (b"Idempotency-Key", b"key-one"),
+            (b"Idempotency-Key", b"key-two"),
+        ],
+        b'{"file_ids":[70000]}',
+    )
+
+    assert 400 == response.status
+    assert "Idempotency-Key" in response.json()["detail"]
+    assert 0 == job_count(client)
+    assert_no_traceback(caplog)
+
+
+async def test_two_authorization_headers_are_400(
+    make_client: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two Authorization lines, the first a valid key: refused, not authorized by the
+    first (a proxy in front may have checked the other)."""
+    client = await make_client(**KEYS)
+    good, bad = b"Bearer alice-key-0123456789", b"Bearer not-a-key"
+    for pair in ((good, bad), (bad, good)):
+        response = await send(
+            client,
+            "GET",
+            b"/v1/download/history",
+            [(b"Authorization", pair[0]), (b"Authorization", pair[1])],
+        )
+        assert 400 == response.status, response.body
+        assert "Authorization" in response.json()["detail"]
+    one = await send(client, "GET", b"/v1/download/history", [(b"Authorization", good)])
+    assert 200 == one.status
+    assert_no_traceback(caplog)
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [[b"foo"], [b"compress"], [b"gzip, gzip"], [b"identity", b"foo"]],
+    ids=["unknown", "compress", "a list", "twice"],
+)
+async def test_a_content_coding_not_decoded_here_is_415(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, codings: list[bytes]
+) -> None:
+    """A body in a coding aiohttp does not decode reached the handler as it came (plain
+    JSON labelled ``foo`` made a job): now a 415 naming the codings taken, and no job."""
+    response = await send(
+        client,
+        "POST",
+        b"/v1/download/initiate",
+        [(b"Content-Type", b"application/json")]
+        + [(b"Content-Encoding", coding) for coding in codings],
+        b'{"file_ids":[70000]}',
+    )
+
+    assert 415 == response.status
+    assert "UNSUPPORTED_MEDIA_TYPE" == response.json()["code"]
+    assert {"gzip", "deflate"} <= {
+        c.strip() for c in response.headers["accept-encoding"].split(",")
+    }
+    assert 0 == job_count(client)
+    assert_no_traceback(caplog)
+
+
+async def test_a_gzip_or_identity_body_is_taken(client: TestClient[Any, Any]) -> None:
+    """The codings aiohttp decodes still work: gzip and identity (any case)."""
+    body = b'{"file_ids":[70000]}'
+    for coding, sent in ((b"GZIP", gzip.compress(body)), (b"identity", body)):
+        response = await send(
+            client,
+            "POST",
+            b"/v1/download/initiate",
+            [(b"Content-Type", b"application/json"), (b"Content-Encoding", coding)],
+            sent,
+        )
+        assert 202 == response.status, (coding, response.body)
+    assert 2 == job_count(client)
+
+
+@pytest.mark.parametrize("wait", ["٣", "1_0", "-1", "nan"])
+async def test_a_wait_in_other_digits_is_400(client: TestClient[Any, Any], wait: str) -> None:
+    """?wait= in ASCII only: Arabic-Indic digits and underscores were read as numbers."""
+    job_id = await initiate(client, [70000])
+
+    response = await client.get(f"/v1/download/status/{job_id}", params={"wait": wait})
+
+    assert 400 == response.status
+    assert "wait" in (await response.json())["detail"]
+
+
+async def test_a_prefer_wait_in_other_digits_is_ignored(client: TestClient[Any, Any]) -> None:
+    """``Prefer: wait=٣`` is a malformed preference: ignored (RFC 7240), so no wait and
+    no Preference-Applied."""
+    response = await client.post(
+        "/v1/download/initiate",
+        json={"file_ids": [70000]},
+        headers={"Prefer": "wait=٣"},
+    )
+
+    assert 202 == response.status
+    assert "Preference-Applied" not in response.headers
 
 
 @pytest.mark.parametrize("request_id", [b"caf\xc3\xa9", b"\xff\xfe", "١٢٣".encode()])

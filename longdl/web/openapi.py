@@ -84,6 +84,7 @@ EVERY_ROUTE_ERRORS: Mapping[int, Resp] = {
 }
 #: Errors any /v1 route can answer.
 V1_ERRORS: Mapping[int, Resp] = {
+    400: problem("API_KEYS is set and Authorization was sent more than once"),
     401: problem("API_KEYS is set and the Bearer key is missing or wrong", "WWW-Authenticate"),
     **EVERY_ROUTE_ERRORS,
     429: problem(
@@ -135,6 +136,7 @@ HEADERS: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "Preference-Applied": ("Which Prefer preference was honoured (RFC 7240)", {}),
     "WWW-Authenticate": ("The Bearer challenge", {"type": "string"}),
     "Allow": ("Methods this URL accepts", {"type": "string"}),
+    "Accept-Encoding": ("Content codings a request body may have (RFC 9110)", {}),
 }
 EVERY_RESPONSE_HEADERS = ("X-Request-ID",)
 #: On every response too; which window a route counts against is in Policy.plan.

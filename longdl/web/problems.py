@@ -10,7 +10,7 @@ from typing import Any
 
 import pydantic
 import pydantic_core
-from aiohttp import hdrs, web
+from aiohttp import compression_utils, hdrs, web
 
 from longdl import exceptions
 from longdl.models import NO_NUL, Problem, ProblemFieldError
@@ -195,10 +195,19 @@ def from_exception(request: web.Request, exc: Exception) -> web.Response:
     return problem_response(request, problem)
 
 
+#: The content codings of a request body aiohttp decodes here. Any other it would hand
+#: over as it came, undecoded: those are refused (415).
+BODY_CODINGS = frozenset(
+    ("identity", "gzip", "deflate")
+    + (("br",) if compression_utils.HAS_BROTLI else ())
+    + (("zstd",) if compression_utils.HAS_ZSTD else ())
+)
+
+
 async def read_json(request: web.Request) -> bytes:
-    """The raw body of a JSON request; 415 for another media type, 400 for a body that
-    does not decode as its Content-Encoding says or that stopped short (its client left:
-    nothing to log)."""
+    """The raw body of a JSON request; 415 for another media type or a content coding not
+    decoded here, 400 for a body that does not decode as its Content-Encoding says or
+    that stopped short (its client left: nothing to log)."""
     try:
         body = await request.read()
     except web.RequestPayloadError as exc:
@@ -209,6 +218,16 @@ async def read_json(request: web.Request) -> bytes:
         raise HTTPProblem(
             400, "The connection closed before the request body was complete"
         ) from exc
+    # Checked once read: a body left unread in a coding aiohttp does decode (one of
+    # two listed) fails as aiohttp drains it, and it logs that as an error.
+    codings = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if len(codings) > 1 or any(c.lower() not in BODY_CODINGS for c in codings):
+        raise HTTPProblem(
+            415,
+            f"Send the body with one Content-Encoding of {', '.join(sorted(BODY_CODINGS))}",
+            code="UNSUPPORTED_MEDIA_TYPE",
+            headers={hdrs.ACCEPT_ENCODING: ", ".join(sorted(BODY_CODINGS - {"identity"}))},
+        )
     ctype = request.content_type
     if body and ctype not in ("application/json",) and not ctype.endswith("+json"):
         raise HTTPProblem(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -56,11 +55,18 @@ routes = web.RouteTableDef()
 BODY_ERRORS: Mapping[int, Resp] = {
     400: problem("Invalid JSON or a field out of its range; errors[] names the fields"),
     413: problem("The body is larger than MAX_BODY_BYTES"),
-    415: problem("The body is not JSON"),
+    415: problem(
+        "The body is not JSON, or its Content-Encoding is not one decoded here",
+        "Accept-Encoding",
+    ),
 }
 #: Errors of routes that create jobs.
 SUBMIT_ERRORS: Mapping[int, Resp] = {
     **BODY_ERRORS,
+    400: problem(
+        "Invalid JSON or a field out of its range (errors[] names the fields), or more"
+        " than one Idempotency-Key"
+    ),
     422: problem("This Idempotency-Key was used with a different request"),
     429: problem("Rate limited, or MAX_ACTIVE_PER_USER unfinished jobs", "Retry-After"),
     503: problem("MAX_QUEUED jobs are waiting, or the service is shutting down", "Retry-After"),
@@ -123,10 +129,9 @@ def parse_prefer(values: list[str]) -> Preferences:
             if name == "respond-async":
                 respond_async = True
             elif name == "wait":
-                with contextlib.suppress(ValueError):
-                    seconds = float(raw.strip().strip('"'))
-                    if seconds >= 0 and math.isfinite(seconds):
-                        wait_s = seconds
+                seconds = _seconds(raw.strip().strip('"'))
+                if seconds is not None and math.isfinite(seconds):
+                    wait_s = seconds
     return Preferences(respond_async, wait_s)
 
 
@@ -310,7 +315,10 @@ async def submit_job(
             only when a key is in play (hashing is 3 % of an initiate otherwise).
     """
     await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
-    header_key = request.headers.get("Idempotency-Key")
+    sent = request.headers.getall("Idempotency-Key", ())
+    if len(sent) > 1:
+        raise invalid_request("Send one Idempotency-Key header")
+    header_key = sent[0] if sent else None
     if header_key is not None and not _printable_ascii(header_key):
         raise invalid_request("Idempotency-Key must be printable ASCII (a UUID, say)")
     idempotency_key = header_key if header_key is not None else client_request_id
@@ -521,13 +529,22 @@ def _wait_s(request: web.Request) -> float:
     raw = url.query.get("wait")
     if raw is None:
         return 0.0
-    try:
-        wait_s = float(raw)
-    except ValueError as exc:
-        raise invalid_request("wait must be a number of seconds") from exc
-    if not wait_s >= 0:
+    wait_s = _seconds(raw)
+    if wait_s is None:
         raise invalid_request("wait must be a number of seconds")
     return min(wait_s, request.app[keys.SETTINGS].long_poll_max_s)
+
+
+def _seconds(text: str) -> float | None:
+    """A number of seconds, 0 or more, written in ASCII; None for anything else (float()
+    alone also takes other scripts' digits and underscores)."""
+    if not text.isascii() or "_" in text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 poll_headers = render.poll_headers
