@@ -250,6 +250,8 @@ class _JobStorage(Storage):
             # Canceled or taken over since the last heartbeat: the key would be noted
             # nowhere, so nothing would ever delete it. Stop before writing it.
             await engine.stop_not_held(self._running)
+        if key not in self._running.outputs:
+            self._running.outputs.append(key)
 
     async def delete(self, key: str) -> None:
         await self._inner.delete(key)
@@ -276,6 +278,8 @@ class _Running:
     slot_freed: bool = False
     #: A throttled progress change waiting to be announced (trailing edge).
     pending_notify: asyncio.TimerHandle | None = None
+    #: Keys this run noted as the job's outputs before writing them.
+    outputs: list[str] = field(default_factory=list)
 
     def cancel_pending_notify(self) -> None:
         if self.pending_notify is not None:
@@ -914,7 +918,8 @@ class Engine:
             self._forget(running)
             return
         task = asyncio.create_task(
-            self._write_until_landed(running.job.id, write), name=f"longdl finish {running.job.id}"
+            self._write_until_landed(running.job.id, self._or_trash_outputs(running, write)),
+            name=f"longdl finish {running.job.id}",
         )
         running.finish_task = task
         self._finishing.add(task)
@@ -934,6 +939,25 @@ class Engine:
         if stored is not None:
             self._keep_finished(stored)
             self.hub.notify(stored)
+
+    def _or_trash_outputs(
+        self, running: _Running, write: Callable[[], Awaitable[Job | None]]
+    ) -> Callable[[], Awaitable[Job | None]]:
+        """``write``, and should it be refused (the job was canceled or taken over
+        meanwhile), the run's outputs to the trash if the job has finished since: a run
+        that stalled past the job's end may have written them after the job's own end
+        trashed them and the trash was emptied, and they would stay forever."""
+        if not running.outputs:
+            return write
+        job_id, outputs = running.job.id, running.outputs
+
+        async def write_or_trash() -> Job | None:
+            stored = await write()
+            if stored is None and await self.store.trash_late_outputs(job_id, outputs):
+                log.info("job.late_outputs_trashed job_id=%s", job_id)  # the next sweep
+            return stored
+
+        return write_or_trash
 
     async def _write_until_landed(
         self, job_id: str, write: Callable[[], Awaitable[Job | None]]

@@ -544,6 +544,28 @@ class StoreContract:
         clock.advance(120)
         assert ["tmp/a"] == [item.key for item in await store.claim_trash(limit=10, lease_s=60)]
 
+    async def test_late_outputs_of_a_finished_job_go_to_the_trash_but_its_result(
+        self, store: Store, clock: Clock
+    ) -> None:
+        """A run that wrote after its job ended puts what it wrote back in the trash, due
+        now: not the job's result, not twice, and nothing while the job is unfinished
+        (its end trashes its outputs)."""
+        job_id = await self.finished(
+            store, {"key": "bundles/r.zip", "owned": True}, outputs=["bundles/r.zip"]
+        )
+        late = ["bundles/r.zip", "bundles/stale.zip", "bundles/stale.zip.side"]
+        assert 2 == await store.trash_late_outputs(job_id, late)
+        assert 0 == await store.trash_late_outputs(job_id, late)
+        due = {item.key for item in await store.claim_trash(limit=10, lease_s=60)}
+        assert {"bundles/stale.zip", "bundles/stale.zip.side"} == due
+        await store.trash_done(sorted(due))
+
+        unfinished = await self.running(store)
+        assert 0 == await store.trash_late_outputs(unfinished, ["bundles/u.zip"])
+        assert 0 == await store.trash_late_outputs("no-such-job", ["bundles/n.zip"])
+        clock.advance(120)
+        assert [] == await store.claim_trash(limit=10, lease_s=60)
+
     async def test_trash_items_can_be_retried_and_forgotten(
         self, store: Store, clock: Clock
     ) -> None:

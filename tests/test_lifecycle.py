@@ -538,6 +538,51 @@ async def test_a_stalled_writer_waking_late_cannot_touch_the_result_of_its_takeo
     assert hashlib.sha256(await download.read()).hexdigest() == body["result"]["sha256"]
 
 
+async def test_what_a_stalled_run_writes_after_its_job_ended_and_the_trash_ran_is_deleted(
+    make_client: AppFactory,
+) -> None:
+    """A run stalled mid-write (here: its source of bytes waits) while its job ended
+    elsewhere and, a minute on, the trash deleted the job's outputs, none there yet.
+    The run wakes, its file lands, its completion is refused: the file goes to the trash
+    again and the next sweep deletes it. (It stayed forever: noted, trashed, gone from
+    the trash.)"""
+    writing, wake = asyncio.Event(), asyncio.Event()
+    key = "bundles/late-output.bin"
+
+    async def stalled_bytes() -> AsyncIterator[bytes]:
+        writing.set()
+        await wake.wait()
+        yield b"written after the job ended"
+
+    async def late_writer(ctx: JobContext) -> Artifact:
+        info = await ctx.storage.write(key, stalled_bytes())
+        return Artifact(key=info.key, filename="late.bin", size_bytes=info.size_bytes)
+
+    # No heartbeat during the test: it would hear the job is gone and stop the run.
+    client = await make_client(handlers={"late": late_writer}, lease_s=3600)
+    settings = client.app[keys.SETTINGS]
+    job_id = await submit(client, "late")
+    await asyncio.wait_for(writing.wait(), 10)
+    with sqlite3.connect(settings.database_path) as conn:  # ended by another process
+        conn.execute(
+            "UPDATE jobs SET status = 'canceled', worker_id = NULL, finished_at = ?,"
+            " expires_at = ? WHERE id = ?",
+            (time.time(), time.time() + 3600, job_id),
+        )
+        assert [(key,)] == conn.execute("SELECT key FROM trash").fetchall()
+        conn.execute("DELETE FROM trash")  # its deletion ran: nothing there yet
+    wake.set()
+
+    async def trashed() -> bool:
+        with sqlite3.connect(settings.database_path) as conn:
+            return [(key,)] == conn.execute("SELECT key FROM trash").fetchall()
+
+    await wait_for(trashed, 10)
+    assert settings.storage_dir.joinpath(key).exists()
+    assert 1 == await client.app[keys.ENGINE].empty_trash()
+    assert not settings.storage_dir.joinpath(key).exists()
+
+
 async def test_stop_gives_back_a_job_claimed_but_never_started(
     make_client: AppFactory, tmp_path: Path
 ) -> None:

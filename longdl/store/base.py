@@ -490,6 +490,16 @@ class Store(abc.ABC):
         meanwhile; if the deleter dies, they come due again)."""
 
     @abc.abstractmethod
+    async def trash_late_outputs(self, job_id: str, keys: Sequence[str]) -> int:
+        """Put ``keys`` in the trash, due now, if the job has finished and none of them is
+        its result; return how many went in.
+
+        For a run whose final write was refused: it wrote them after the job ended,
+        maybe after the job's end put them in the trash and the trash was emptied, so
+        they would stay forever. A job not finished yet keeps them in its outputs, and
+        its end trashes them."""
+
+    @abc.abstractmethod
     async def trash_done(self, keys: Sequence[str]) -> None:
         """Forget trash items whose objects were deleted."""
 

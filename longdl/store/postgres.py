@@ -815,6 +815,13 @@ class PostgresStore(base.SQLStore):
 
         return await self._write(unit)
 
+    async def trash_late_outputs(self, job_id: str, keys: Sequence[str]) -> int:
+        params = {"id": job_id, "keys": list(keys), "now": self._clock()}
+        rows = await self._write(
+            lambda conn: _fetch(conn, "trash_late_outputs", params), savepoint=False
+        )
+        return len(rows)
+
     async def trash_done(self, keys: Sequence[str]) -> None:
         params = {"keys": list(keys)}
         await self._write(lambda conn: _execute(conn, "trash_done", params))

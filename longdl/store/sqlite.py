@@ -837,6 +837,15 @@ class SQLiteStore(base.SQLStore):
 
         return await self._write(unit)
 
+    async def trash_late_outputs(self, job_id: str, keys: Sequence[str]) -> int:
+        now = self._clock()
+
+        def unit(conn: sqlite3.Connection) -> int:
+            params = [{"id": job_id, "key": key, "now": now} for key in keys]
+            return sum(len(conn.execute(Q["trash_late_output"], p).fetchall()) for p in params)
+
+        return await self._write(unit)
+
     async def trash_done(self, keys: Sequence[str]) -> None:
         params = [{"key": key} for key in keys]
         await self._write(lambda conn: conn.executemany(Q["trash_done"], params))

@@ -235,6 +235,14 @@ UPDATE trash SET next_attempt_at = :lease_until
                 FOR UPDATE SKIP LOCKED)
 RETURNING key, job_id, attempts;
 
+-- name: trash_late_outputs
+INSERT INTO trash (key, job_id, created_at, next_attempt_at)
+SELECT key, id, :now, :now FROM jobs, unnest(:keys::text[]) AS key
+ WHERE id = :id AND status IN ('completed', 'failed', 'canceled', 'expired')
+   AND key IS DISTINCT FROM result ->> 'key'
+ON CONFLICT (key) DO NOTHING
+RETURNING key;
+
 -- name: trash_done
 DELETE FROM trash WHERE key = ANY(:keys::text[]);
 

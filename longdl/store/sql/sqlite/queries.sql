@@ -241,6 +241,13 @@ UPDATE trash SET next_attempt_at = :lease_until
                 LIMIT :limit)
 RETURNING key, job_id, attempts;
 
+-- name: trash_late_output
+INSERT OR IGNORE INTO trash (key, job_id, created_at, next_attempt_at)
+SELECT :key, id, :now, :now FROM jobs
+ WHERE id = :id AND status IN ('completed', 'failed', 'canceled', 'expired')
+   AND :key IS NOT json_extract(result, '$.key')
+RETURNING key;
+
 -- name: trash_done
 DELETE FROM trash WHERE key = :key;
 
