@@ -10,12 +10,9 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
-import signal
 import socket
 import sqlite3
 import stat
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from service import ServiceProcess
 from standardwebhooks.webhooks import Webhook
 
 from longdl import exceptions, webhooks
@@ -664,76 +662,29 @@ async def test_delivery_to_a_host_no_longer_allowed_sends_nothing(
 # --- a real `longdl serve` killed with SIGKILL -----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Service:
-    """A running ``longdl serve`` process."""
-
-    base: str
-    process: asyncio.subprocess.Process
-
-
 @contextlib.asynccontextmanager
-async def serve(env: dict[str, str], log_path: Path) -> AsyncIterator[Service]:
-    """Run ``longdl serve`` on a free port until it answers /health; kill it on exit."""
-    port = _free_port()
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "longdl",
-            "serve",
-            env={**env, "PORT": str(port)},
-            stdout=log,
-            stderr=log,
-        )
-    base = f"http://127.0.0.1:{port}"
+async def serve(env: dict[str, str], log_path: Path) -> AsyncIterator[ServiceProcess]:
+    """Run ``longdl serve`` with the settings ``env`` until it answers /health; kill it
+    on exit."""
+    service = ServiceProcess(Path(env["DATA_DIR"]), env, log_path=log_path)
+    await service.start(timeout_s=30)
     try:
-        async with aiohttp.ClientSession() as session:
-
-            async def healthy() -> bool:
-                if process.returncode is not None:
-                    raise AssertionError(f"longdl serve exited; see {log_path}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{base}/health") as response:
-                        return response.status == 200
-                return False
-
-            await wait_for(healthy, timeout_s=30, interval_s=0.1)
-        yield Service(base, process)
+        yield service
     finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+        service.close()
 
 
-async def seeded_env(tmp_path: Path, **settings: str) -> dict[str, str]:
-    """The environment of a ``longdl serve`` posting webhooks to the loopback receiver,
-    with source file 70000 seeded in its DATA_DIR."""
+def seeded_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The settings of a ``longdl serve`` posting webhooks to the loopback receiver, with
+    source file 70000 seeded in its DATA_DIR."""
     env = {
-        **os.environ,
         "DATA_DIR": str(tmp_path / "data"),
-        "HOST": "127.0.0.1",
         "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
         "WEBHOOK_SECRET": SECRET,
         **settings,
     }
-    seeding = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longdl", "seed", "70000", env=env, stdout=asyncio.subprocess.DEVNULL
-    )
-    assert 0 == await seeding.wait()
+    ServiceProcess(tmp_path / "data", env).run_cli("seed", "70000")
     return env
-
-
-async def kill_9(service: Service) -> None:
-    """SIGKILL ``service`` and wait until it is gone."""
-    service.process.send_signal(signal.SIGKILL)
-    assert -signal.SIGKILL == await service.process.wait()
 
 
 def assert_delivered_once(receiver: Receiver, got: Received, job_id: str) -> None:
@@ -748,11 +699,11 @@ def assert_delivered_once(receiver: Receiver, got: Received, job_id: str) -> Non
 
 
 async def initiate_with_callback(
-    session: aiohttp.ClientSession, service: Service, receiver: Receiver
+    session: aiohttp.ClientSession, service: ServiceProcess, receiver: Receiver
 ) -> str:
     """Start a job on ``service`` whose webhook goes to ``receiver``; its id."""
     async with session.post(
-        f"{service.base}/v1/download/initiate",
+        f"{service.url}/v1/download/initiate",
         json={"file_ids": [70000], "callbackUrl": receiver.url},
     ) as response:
         return str((await response.json())["jobId"])
@@ -762,7 +713,7 @@ async def initiate_with_callback(
 async def test_sigkill_after_finish_still_delivers(receiver: Receiver, tmp_path: Path) -> None:
     """A service killed by SIGKILL right after a job finished delivers once restarted."""
     receiver.default = 503  # nothing is acknowledged before the kill
-    env = await seeded_env(
+    env = seeded_env(
         tmp_path,
         WEBHOOK_RETRY_BASE_MS="50",
         WEBHOOK_RETRY_MAX_MS="200",
@@ -774,12 +725,12 @@ async def test_sigkill_after_finish_still_delivers(receiver: Receiver, tmp_path:
             job_id = await initiate_with_callback(session, service, receiver)
 
             async def completed() -> bool:
-                url = f"{service.base}/v1/download/status/{job_id}"
+                url = f"{service.url}/v1/download/status/{job_id}"
                 async with session.get(url) as response:
                     return bool((await response.json())["status"] == "completed")
 
             await wait_for(completed, timeout_s=30)
-            await kill_9(service)
+            service.kill()
         receiver.default = 204
         async with serve(env, log_path):
             got = await acknowledged(receiver, timeout_s=30)
@@ -794,7 +745,7 @@ async def test_sigkill_mid_delivery_delivers_at_restart_not_a_lease_later(
     service is back (its worker's lock is free), not when its lease (twice
     WEBHOOK_TIMEOUT_S, here 125 s) runs out."""
     receiver.stall = asyncio.Event()
-    env = await seeded_env(tmp_path, WEBHOOK_TIMEOUT_S="60")
+    env = seeded_env(tmp_path, WEBHOOK_TIMEOUT_S="60")
     log_path = tmp_path / "serve.log"
     async with aiohttp.ClientSession() as session:
         async with serve(env, log_path) as service:
@@ -804,7 +755,7 @@ async def test_sigkill_mid_delivery_delivers_at_restart_not_a_lease_later(
                 return receiver.stalled == 1
 
             await wait_for(in_flight, timeout_s=30)
-            await kill_9(service)
+            service.kill()
         receiver.stall.set()
         async with serve(env, log_path):
             got = await acknowledged(receiver, timeout_s=15)
@@ -820,7 +771,7 @@ async def test_a_peer_killed_mid_delivery_is_taken_over_by_the_survivor(
     runs out (125 s here), delivers it once its own rescue finds the dead peer (LEASE_S=3:
     a rescue a second), not when the lease runs out."""
     receiver.stall = asyncio.Event()
-    env = await seeded_env(tmp_path, WEBHOOK_TIMEOUT_S="60", LEASE_S="3")
+    env = seeded_env(tmp_path, WEBHOOK_TIMEOUT_S="60", LEASE_S="3")
     async with (
         aiohttp.ClientSession() as session,
         serve(env, tmp_path / "doomed.log") as doomed,
@@ -832,7 +783,7 @@ async def test_a_peer_killed_mid_delivery_is_taken_over_by_the_survivor(
 
         await wait_for(in_flight, timeout_s=30)
         async with serve(env, tmp_path / "survivor.log"):
-            await kill_9(doomed)
+            doomed.kill()
             receiver.stall.set()
             got = await acknowledged(receiver, timeout_s=20)
     assert_delivered_once(receiver, got, job_id)
