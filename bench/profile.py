@@ -7,9 +7,9 @@ stacks come out truncated) while wrk polls a running job's status
 reduced to three views per figure: where samples were taken (leaf function, "self"),
 which longdl functions they were under ("inclusive"), and which package the leaf was
 in. Start-up samples (imports) are left out. Samples in ``selectors`` are the event
-loop waiting (for the SQLite thread, under P2); ``_connection_worker_thread`` is
-aiosqlite's thread, running SQLite's C code. They guide the optimization work of
-issue 12; they are not a target.
+loop waiting; SQLite's C code runs inside the store's functions, on the loop or on the
+writer's thread (``_Writer._serve``). They guide the optimization work of issue 12;
+they are not a target.
 """
 
 from __future__ import annotations

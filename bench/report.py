@@ -195,11 +195,13 @@ def write(
             "## Profile (py-spy, one run)",
             "",
             "py-spy sampled the server from outside while wrk ran; shares are of all "
-            "samples of busy threads (the event loop and aiosqlite's thread). Reading it: "
-            "`EpollSelector.select` is the event loop with nothing to do (under P2: waiting "
-            "for SQLite), `_connection_worker_thread` is aiosqlite's thread running "
-            "SQLite's C code, `_SelectorSocketTransport.write` is the send system call; "
-            "the middleware layers nest, so each one's inclusive share contains the next.",
+            "samples of threads py-spy took for busy (the event loop, SQLite's writer "
+            "thread, the thread pools). Reading it: `EpollSelector.select` is the event "
+            "loop with nothing to do; SQLite's C code runs inside the store's functions "
+            "(`run_together`, the units), on the loop (commits without fsync) or on "
+            "`_Writer._serve`'s thread (checkpoints, fsyncing commits, waits for a lock); "
+            "`_SelectorSocketTransport.write` is the send system call; the pipeline's "
+            "steps nest, so its inclusive share contains the handler's.",
             "",
             *profiles,
         ]
