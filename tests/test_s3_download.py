@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
+import signal
+import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+import pytest
 import yarl
 from aiohttp.test_utils import TestClient
 from conftest import AppFactory, finished, initiate, wait_for
@@ -18,7 +22,7 @@ from s3server import SeaweedServer
 from longdl.engine import Artifact, JobContext
 from longdl.seed import demo_content
 from longdl.storage import content_disposition
-from longdl.storage.s3 import MIN_PART_SIZE_BYTES, S3Storage
+from longdl.storage.s3 import ABORT_TIMEOUT_S, MIN_PART_SIZE_BYTES, S3Storage
 from longdl.web import keys
 
 #: 4 MiB, 2 MiB, 1 MiB and 512 KiB demo files: the bundle spans two 5 MiB parts.
@@ -132,6 +136,60 @@ async def test_canceling_a_job_mid_upload_leaves_no_parts(
     assert [] == await uploads()
     listed = await storage.client.list_objects_v2(Bucket=storage.bucket)
     assert [] == listed.get("Contents", [])
+
+
+@contextlib.contextmanager
+def hanging(seaweed: SeaweedServer) -> Iterator[None]:
+    """SeaweedFS paused (SIGSTOP): the kernel still accepts connections, nothing answers,
+    as an S3 that hangs."""
+    assert seaweed.process is not None
+    seaweed.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        seaweed.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_cancel_mid_upload_does_not_wait_out_a_hanging_s3(
+    make_client: AppFactory, seaweed: SeaweedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 hangs while a job's upload is half done, and the job is canceled: the cancel
+    answers within seconds, not once the upload's abort has used up the client's two
+    read timeouts (2 x S3_READ_TIMEOUT_S, 60 s: the cancel got a 504 after 30 s). An
+    abort not answered in time is logged, and the upload left for the orphan scan."""
+
+    async def stalling_upload(ctx: JobContext) -> Artifact:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"x" * MIN_PART_SIZE_BYTES  # one full part: the upload has begun
+            await asyncio.Event().wait()  # then the producer stalls until canceled
+            yield b""
+
+        key = f"bundles/{ctx.job_id}.zip"
+        info = await ctx.storage.write(key, chunks())
+        return Artifact(key=key, filename="x.zip", size_bytes=info.size_bytes)
+
+    client: TestClient[Any, Any] = await make_client(
+        **seaweed.settings(),
+        s3_part_size_bytes=MIN_PART_SIZE_BYTES,
+        handlers={"stall": stalling_upload},
+        seed_ids=(),
+    )
+    storage: S3Storage = client.app[keys.STORAGE]  # type: ignore[assignment]
+    job_id = (await client.app[keys.ENGINE].submit("stall", {})).job.id
+
+    async def uploads() -> list[Any]:
+        listed = await storage.client.list_multipart_uploads(Bucket=storage.bucket)
+        return list(listed.get("Uploads", []))
+
+    await wait_for(uploads, timeout_s=30)
+    with hanging(seaweed):
+        asked = time.monotonic()
+        response = await client.post(f"/v1/download/cancel/{job_id}")
+        took_s = time.monotonic() - asked
+
+    assert (200, "canceled") == (response.status, (await response.json())["status"])
+    assert took_s < ABORT_TIMEOUT_S + 3
+    assert any("could not abort multipart upload" in r.getMessage() for r in caplog.records)
 
 
 async def test_redirect_keeps_a_non_ascii_filename_signed(

@@ -69,13 +69,20 @@ class Partial:
     started_at: float
 
 
-async def outlast(task: asyncio.Future[Any]) -> None:
+async def outlast(task: asyncio.Future[Any], timeout_s: float | None = None) -> None:
     """Wait until ``task`` has ended, through cancellations of our own (the caller
     re-raises its own), and read its outcome so no "exception was never retrieved" is
-    logged: for work that must not be left running behind a cancelled caller."""
+    logged: for work that must not be left running behind a cancelled caller. With
+    ``timeout_s``, cancel it once that has passed (a server that hangs)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
     while not task.done():
+        left_s = None if deadline is None else deadline - loop.time()
+        if left_s is not None and left_s <= 0:
+            task.cancel()
+            deadline = left_s = None  # wait for the cancel to land
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task})
+            await asyncio.wait({task}, timeout=left_s)
     if not task.cancelled():
         task.exception()
 

@@ -37,6 +37,11 @@ log = logging.getLogger("longdl.storage.s3")
 
 #: S3's smallest part (except the last one) of a multipart upload.
 MIN_PART_SIZE_BYTES = 5 * 1024 * 1024
+#: How long a failed or canceled upload waits for its abort (and a canceled start for
+#: its CreateMultipartUpload): an S3 that hangs must not hold a stop, a cancel or a
+#: job's time limit for the client's two read timeouts (60 s by default). An upload left
+#: behind is removed by the orphan scan.
+ABORT_TIMEOUT_S = 2.0
 
 #: Error codes meaning "try again later" whatever their HTTP status.
 TRANSIENT_CODES = frozenset(
@@ -515,7 +520,7 @@ class _MultipartUpload:
         try:
             created = await asyncio.shield(create)
         except asyncio.CancelledError:
-            await outlast(create)
+            await outlast(create, ABORT_TIMEOUT_S)
             if not create.cancelled() and create.exception() is None:
                 self._upload_id = str(create.result()["UploadId"])
             raise
@@ -540,11 +545,13 @@ class _MultipartUpload:
 
         async def abort() -> None:
             try:
-                await storage.client.abort_multipart_upload(
-                    Bucket=storage.bucket, Key=key, UploadId=upload_id
-                )
+                async with asyncio.timeout(ABORT_TIMEOUT_S):
+                    await storage.client.abort_multipart_upload(
+                        Bucket=storage.bucket, Key=key, UploadId=upload_id
+                    )
             except Exception as exc:
-                # A lifecycle rule for incomplete uploads is the backstop; say so.
+                # The orphan scan removes it later (a lifecycle rule for incomplete
+                # uploads is the backstop); say so.
                 log.warning("could not abort multipart upload of %s: %r", key, exc)
 
         # Our caller may be mid-cancellation: run the abort as its own task so a
