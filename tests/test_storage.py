@@ -28,6 +28,7 @@ from conftest import test_settings, wait_for
 from longdl import exceptions
 from longdl.app import create_app
 from longdl.storage import LocalStorage, Storage, ZipMember, content_disposition
+from longdl.storage.base import outlast
 from longdl.storage.s3 import MIN_PART_SIZE_BYTES, S3Storage
 
 #: Larger than one multipart part, so S3 takes the multipart path.
@@ -432,3 +433,20 @@ async def test_a_source_gone_while_bundling_is_object_not_found(tmp_path: Path) 
     with pytest.raises(exceptions.ObjectNotFound, match=r"downloads/99999\.zip"):
         await storage.write_zip("bundles/d.zip", members)
     assert [] == sorted(p.name for p in (tmp_path / "bundles").iterdir())
+
+
+async def test_outlast_with_a_deadline_cancels_what_does_not_end() -> None:
+    """outlast() waits work out through our own cancellations; with a deadline (a server
+    that hangs) it cancels the work once the deadline has passed, and returns."""
+    never = asyncio.ensure_future(asyncio.Event().wait())
+    waiter = asyncio.ensure_future(outlast(never, 0.2))
+    await asyncio.sleep(0)
+    waiter.cancel()  # a cancel of our own: the wait goes on
+    started = time.monotonic()
+    await asyncio.wait({waiter}, timeout=5)
+    assert (True, True) == (waiter.done(), never.cancelled())
+    assert time.monotonic() - started < 1
+
+    quick = asyncio.ensure_future(asyncio.sleep(0.01, "done"))
+    await outlast(quick, 5)
+    assert "done" == quick.result()
