@@ -8,10 +8,11 @@ storage drives it from files on a thread of its own (see ``LocalStorage.write_zi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import zipfile
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -157,19 +158,25 @@ class Entry:
 
     name: str
     size_bytes: int
-    chunks: Callable[[], AsyncIterable[bytes]]
+    #: Its bytes, as an async generator: closed as soon as the archive is done with it
+    #: (a failing consumer included), so a source releases what it holds (an S3 body).
+    chunks: Callable[[], AsyncGenerator[bytes, None]]
 
 
-async def zip_entries(entries: list[Entry]) -> AsyncIterator[bytes]:
+async def zip_entries(entries: list[Entry]) -> AsyncGenerator[bytes, None]:
     """Yield the archive of ``entries`` (files in archive order) chunk by chunk; a source
-    that fails, or a consumer that stops, abandons it."""
+    that fails, or a consumer that stops, abandons it. A consumer that stops must close
+    this generator (``contextlib.aclosing``): left to the garbage collector, the archive
+    may be collected before the generator is closed, and zipfile raises from its
+    finalizer."""
     with ZipWriter() as writer:
         for entry in entries:
             if data := writer.begin(entry.name, entry.size_bytes):
                 yield data
-            async for chunk in entry.chunks():
-                if data := writer.write(chunk):
-                    yield data
+            async with contextlib.aclosing(entry.chunks()) as chunks:
+                async for chunk in chunks:
+                    if data := writer.write(chunk):
+                        yield data
             if data := writer.end():
                 yield data
         if data := writer.close():

@@ -8,7 +8,14 @@ import contextlib
 import functools
 import hashlib
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -211,8 +218,8 @@ class Storage(abc.ABC):
         digest = hashlib.sha256()
         done = {"files": 0, "bytes": 0}
 
-        def source(member: ZipMember) -> AsyncIterator[bytes]:
-            async def chunks() -> AsyncIterator[bytes]:
+        def source(member: ZipMember) -> AsyncGenerator[bytes, None]:
+            async def chunks() -> AsyncGenerator[bytes, None]:
                 async for chunk in self.read(member.key):
                     done["bytes"] += len(chunk)
                     if on_progress is not None:
@@ -229,12 +236,16 @@ class Storage(abc.ABC):
             for member in members
         ]
 
-        async def hashed() -> AsyncIterator[bytes]:
-            async for chunk in zip_entries(entries):
-                digest.update(chunk)
-                yield chunk
+        async def hashed() -> AsyncGenerator[bytes, None]:
+            async with contextlib.aclosing(zip_entries(entries)) as archive:
+                async for chunk in archive:
+                    digest.update(chunk)
+                    yield chunk
 
-        info = await self.write(key, hashed(), content_type="application/zip")
+        # Closed here when the write fails or is cancelled, not by the garbage collector:
+        # the archive and its sources are let go of at once (see zip_entries).
+        async with contextlib.aclosing(hashed()) as stream:
+            info = await self.write(key, stream, content_type="application/zip")
         return ZipWritten(info, digest.hexdigest())
 
     async def delete_many(self, keys: Sequence[str]) -> list[str]:
