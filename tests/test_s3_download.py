@@ -9,7 +9,7 @@ import io
 import signal
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -100,63 +100,15 @@ async def test_result_url_json_carries_a_working_presigned_url(
     assert (200, body["result"]["size"]) == (status, len(data))
 
 
-async def test_canceling_a_job_mid_upload_leaves_no_parts(
+Uploads = Callable[[], Awaitable[list[Any]]]
+
+
+async def job_mid_upload(
     make_client: AppFactory, seaweed: SeaweedServer
-) -> None:
-    """Canceling a job while its artifact is half uploaded aborts the multipart upload."""
-
-    async def stalling_upload(ctx: JobContext) -> Artifact:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b"x" * MIN_PART_SIZE_BYTES  # one full part: the upload has begun
-            await asyncio.Event().wait()  # then the producer stalls until canceled
-            yield b""
-
-        key = f"bundles/{ctx.job_id}.zip"
-        info = await ctx.storage.write(key, chunks())
-        return Artifact(key=key, filename="x.zip", size_bytes=info.size_bytes)
-
-    client: TestClient[Any, Any] = await make_client(
-        **seaweed.settings(),
-        s3_part_size_bytes=MIN_PART_SIZE_BYTES,
-        handlers={"stall": stalling_upload},
-        seed_ids=(),
-    )
-    storage: S3Storage = client.app[keys.STORAGE]  # type: ignore[assignment]
-    inserted = await client.app[keys.ENGINE].submit("stall", {})
-    job_id = inserted.job.id
-
-    async def uploads() -> list[Any]:
-        listed = await storage.client.list_multipart_uploads(Bucket=storage.bucket)
-        return list(listed.get("Uploads", []))
-
-    await wait_for(uploads, timeout_s=30)
-    response = await client.post(f"/v1/download/cancel/{job_id}")
-
-    assert (200, "canceled") == (response.status, (await response.json())["status"])
-    assert [] == await uploads()
-    listed = await storage.client.list_objects_v2(Bucket=storage.bucket)
-    assert [] == listed.get("Contents", [])
-
-
-@contextlib.contextmanager
-def hanging(seaweed: SeaweedServer) -> Iterator[None]:
-    """SeaweedFS paused (SIGSTOP): the kernel still accepts connections, nothing answers,
-    as an S3 that hangs."""
-    assert seaweed.process is not None
-    seaweed.process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        seaweed.process.send_signal(signal.SIGCONT)
-
-
-async def test_a_cancel_mid_upload_does_not_wait_out_a_hanging_s3(
-    make_client: AppFactory, seaweed: SeaweedServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    """S3 hangs while a job's upload is half done, and the job is canceled: the cancel
-    answers within seconds, not once the upload's abort has used up the client's two
-    read timeouts (2 x S3_READ_TIMEOUT_S, 60 s: the cancel got a 504 after 30 s). An
-    abort not answered in time is logged, and the upload left for the orphan scan."""
+) -> tuple[TestClient[Any, Any], str, Uploads]:
+    """An app on SeaweedFS running a job whose upload has begun (one part sent) and then
+    stalls until canceled: the client, the job's id, and what lists the bucket's
+    multipart uploads."""
 
     async def stalling_upload(ctx: JobContext) -> Artifact:
         async def chunks() -> AsyncIterator[bytes]:
@@ -182,6 +134,45 @@ async def test_a_cancel_mid_upload_does_not_wait_out_a_hanging_s3(
         return list(listed.get("Uploads", []))
 
     await wait_for(uploads, timeout_s=30)
+    return client, job_id, uploads
+
+
+async def test_canceling_a_job_mid_upload_leaves_no_parts(
+    make_client: AppFactory, seaweed: SeaweedServer
+) -> None:
+    """Canceling a job while its artifact is half uploaded aborts the multipart upload."""
+    client, job_id, uploads = await job_mid_upload(make_client, seaweed)
+
+    response = await client.post(f"/v1/download/cancel/{job_id}")
+
+    assert (200, "canceled") == (response.status, (await response.json())["status"])
+    assert [] == await uploads()
+    storage: S3Storage = client.app[keys.STORAGE]  # type: ignore[assignment]
+    listed = await storage.client.list_objects_v2(Bucket=storage.bucket)
+    assert [] == listed.get("Contents", [])
+
+
+@contextlib.contextmanager
+def hanging(seaweed: SeaweedServer) -> Iterator[None]:
+    """SeaweedFS paused (SIGSTOP): the kernel still accepts connections, nothing answers,
+    as an S3 that hangs."""
+    assert seaweed.process is not None
+    seaweed.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        seaweed.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_cancel_mid_upload_does_not_wait_out_a_hanging_s3(
+    make_client: AppFactory, seaweed: SeaweedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 hangs while a job's upload is half done, and the job is canceled: the cancel
+    answers within seconds, not once the upload's abort has used up the client's two
+    read timeouts (2 x S3_READ_TIMEOUT_S, 60 s: the cancel got a 504 after 30 s). An
+    abort not answered in time is logged, and the upload left for the orphan scan."""
+    client, job_id, _uploads = await job_mid_upload(make_client, seaweed)
+
     with hanging(seaweed):
         asked = time.monotonic()
         response = await client.post(f"/v1/download/cancel/{job_id}")
