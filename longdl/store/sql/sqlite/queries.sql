@@ -244,7 +244,9 @@ RETURNING key, job_id, attempts;
 -- name: trash_late_output
 INSERT OR IGNORE INTO trash (key, job_id, created_at, next_attempt_at)
 SELECT :key, id, :now, :now FROM jobs
- WHERE id = :id AND status IN ('completed', 'failed', 'canceled', 'expired')
+ WHERE id = :id
+   AND (status = 'completed' OR status = 'failed' OR status = 'canceled'
+        OR status = 'expired')
    AND :key IS NOT json_extract(result, '$.key')
 RETURNING key;
 
