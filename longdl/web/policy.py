@@ -32,7 +32,7 @@ from yarl import URL
 from longdl import ids
 from longdl.config import Network, Settings, parse_api_keys, parse_networks
 from longdl.web import keys
-from longdl.web.problems import REQUEST_ID_HEADER, HTTPProblem, invalid_request, problem_response
+from longdl.web.problems import REQUEST_ID_HEADER, HTTPProblem, problem_response, single_header
 
 if TYPE_CHECKING:
     import limits.aio.storage
@@ -590,11 +590,7 @@ async def authenticate(request: web.Request, policy: Policy) -> None:
             code="TOO_MANY_AUTH_FAILURES",
             headers={hdrs.RETRY_AFTER: str(retry_after_s)},
         )
-    sent = request.headers.getall(hdrs.AUTHORIZATION, ())
-    if len(sent) > 1:
-        # Which one counts would depend on who reads it: a proxy may check the other.
-        raise invalid_request("Send one Authorization header")
-    credentials = sent[0] if sent else None
+    credentials = single_header(request, hdrs.AUTHORIZATION)
     if credentials is None:
         raise HTTPProblem(
             401,

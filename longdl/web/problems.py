@@ -116,6 +116,16 @@ def invalid_request(detail: str, errors: list[ProblemFieldError] | None = None) 
     return HTTPProblem(400, detail, title="Invalid request", code="VALIDATION_ERROR", errors=errors)
 
 
+def single_header(request: web.Request, name: str) -> str | None:
+    """The value of a header that must come once, None when absent; 400 when it came
+    more than once: which line counts would depend on who reads it (a proxy in front
+    may have read the other)."""
+    sent = request.headers.getall(name, ())
+    if len(sent) > 1:
+        raise invalid_request(f"Send one {name} header")
+    return sent[0] if sent else None
+
+
 def problem_for(exc: Exception) -> HTTPProblem | None:
     """The problem a domain error maps to, or None for an unexpected error."""
     if isinstance(exc, HTTPProblem):

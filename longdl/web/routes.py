@@ -40,7 +40,7 @@ from longdl.models import (
 )
 from longdl.web import keys, policy, render
 from longdl.web.openapi import JOB_ID, UUID_PATTERN, Param, Resp, doc, problem
-from longdl.web.problems import HTTPProblem, dumps, invalid_request, read_json
+from longdl.web.problems import HTTPProblem, dumps, invalid_request, read_json, single_header
 
 if TYPE_CHECKING:
     from longdl.engine import Engine
@@ -315,10 +315,7 @@ async def submit_job(
             only when a key is in play (hashing is 3 % of an initiate otherwise).
     """
     await webhooks.check_target(callback_url, request.app[keys.SETTINGS])
-    sent = request.headers.getall("Idempotency-Key", ())
-    if len(sent) > 1:
-        raise invalid_request("Send one Idempotency-Key header")
-    header_key = sent[0] if sent else None
+    header_key = single_header(request, "Idempotency-Key")
     if header_key is not None and not _printable_ascii(header_key):
         raise invalid_request("Idempotency-Key must be printable ASCII (a UUID, say)")
     idempotency_key = header_key if header_key is not None else client_request_id
